@@ -1,0 +1,1 @@
+"""fscrypt: contexts, no-key names, key derivation and ciphers."""
