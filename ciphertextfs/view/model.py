@@ -1,0 +1,289 @@
+"""What each inode looks like in the view.
+
+The view is a pure function of the ext4 image: attributes, names, xattrs,
+link targets and contents per inode, computed on demand and cached.  It
+knows nothing of FUSE, so every rule of docs/FORMAT.md can be tested by
+calling it directly; the pyfuse3 adapter only translates.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ciphertextfs.ext4.fs import Filesystem
+from ciphertextfs.ext4.inode import Inode
+from ciphertextfs.fscrypt.nokey import base64url_encode
+from ciphertextfs.fscrypt.policy import FscryptContext, FscryptError, parse_context
+from ciphertextfs.view.names import (
+    SIDE_FILE_NAME,
+    Entry,
+    Listing,
+    is_side_ino,
+    list_directory,
+    side_file_ino,
+)
+from ciphertextfs.view.xattrs import (
+    XATTR_FSCRYPT_CONTEXT,
+    XATTR_FSCRYPT_FS_UUID,
+    XATTR_FSCRYPT_INO,
+    XATTR_FSCRYPT_SIZE,
+    fscrypt_context_raw,
+    passthrough_xattrs,
+)
+
+__all__ = ["Attr", "Entry", "View", "ViewNoAttr", "ViewNotFound", "SIDE_FILE_NAME"]
+
+STATIC_CACHE_TIMEOUT = 3600.0
+"""An image or snapshot never changes under the view: let the kernel cache."""
+
+LIVE_CACHE_TIMEOUT = 1.0
+"""A mounted filesystem does: keep what the kernel and the view cache short."""
+
+PATH_MAX = 4096
+SYMLINK_FORMAT_PREFIX = b"fscrypt:1:"
+
+
+class ViewNotFound(LookupError):
+    """No such name in the directory (ENOENT)."""
+
+
+class ViewNoAttr(LookupError):
+    """No such extended attribute (ENODATA)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    st_ino: int
+    st_mode: int
+    st_nlink: int
+    st_uid: int
+    st_gid: int
+    st_rdev: int
+    st_size: int
+    st_blocks: int
+    st_atime_ns: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """Everything the view derives from one inode, computed once."""
+
+    attr: Attr
+    xattrs: dict[bytes, bytes]
+    context: FscryptContext | None
+
+
+class _LRU(OrderedDict):
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.limit:
+            self.popitem(last=False)
+
+
+def encrypted_symlink_target(
+    ctx_raw: bytes, body: bytes, extra: tuple[int, bytes] | None
+) -> bytes:
+    """The view's target for an encrypted symlink (docs/FORMAT.md).
+
+    `body` is the on-disk symlink body: a little-endian 16-bit ciphertext
+    length, then the ciphertext.  `extra` is (inode number, fs uuid) for
+    policies that bind the ciphertext to them.
+    """
+    if len(body) < 2:
+        raise FscryptError("encrypted symlink body shorter than its length field")
+    ct_len = int.from_bytes(body[:2], "little")
+    if ct_len == 0 or ct_len > len(body) - 2:
+        raise FscryptError(f"encrypted symlink: ciphertext length {ct_len} out of range")
+    parts = [base64url_encode(ctx_raw), base64url_encode(body[2 : 2 + ct_len])]
+    if extra is not None:
+        parts += [str(extra[0]), extra[1].hex()]
+    target = SYMLINK_FORMAT_PREFIX + ":".join(parts).encode("ascii")
+    if len(target) >= PATH_MAX:
+        raise FscryptError("encrypted symlink target too long to represent in a link target")
+    return target
+
+
+class View:
+    """The ciphertext view of one ext4 tree rooted at `root_ino`."""
+
+    def __init__(self, fs: Filesystem, root_ino: int = 2, *, live: bool = False):
+        self.fs = fs
+        self.root_ino = root_ino
+        self.live = live
+        self.cache_timeout = LIVE_CACHE_TIMEOUT if live else STATIC_CACHE_TIMEOUT
+        self._nodes: _LRU = _LRU(65536)
+        self._listings: _LRU = _LRU(4096)
+        self._lock = threading.Lock()
+        self._stamp = time.monotonic()
+
+    # -- caching ------------------------------------------------------------
+
+    def _fresh(self) -> None:
+        """On a live filesystem, forget whatever is older than the timeout."""
+        if not self.live:
+            return
+        now = time.monotonic()
+        if now - self._stamp > self.cache_timeout:
+            with self._lock:
+                self._nodes.clear()
+                self._listings.clear()
+                drop = getattr(self.fs, "drop_caches", None)
+                if drop is not None:
+                    drop()
+                self._stamp = now
+
+    def _inode(self, ino: int) -> Inode:
+        return self.fs.inode(ino)
+
+    def _node(self, ino: int) -> Node:
+        self._fresh()
+        node = self._nodes.get(ino)
+        if node is None:
+            node = self._build_node(ino)
+            with self._lock:
+                self._nodes.put(ino, node)
+        return node
+
+    def listing(self, dir_ino: int) -> Listing:
+        self._fresh()
+        listing = self._listings.get(dir_ino)
+        if listing is None:
+            inode = self._inode(dir_ino)
+            if not inode.is_dir:
+                raise NotADirectoryError(dir_ino)
+            listing = list_directory(self.fs, inode, dir_ino)
+            with self._lock:
+                self._listings.put(dir_ino, listing)
+        return listing
+
+    # -- nodes --------------------------------------------------------------
+
+    def _build_node(self, ino: int) -> Node:
+        if is_side_ino(ino):
+            return self._side_node(ino)
+        inode = self._inode(ino)
+        on_disk = self.fs.xattrs(inode)
+        xattrs = passthrough_xattrs(on_disk, ino)
+        context = None
+        size = inode.i_size
+        if inode.is_encrypted:
+            raw = fscrypt_context_raw(on_disk)
+            if raw is None:
+                raise FscryptError(f"inode {ino}: encrypted but has no fscrypt context")
+            context = parse_context(raw)
+            xattrs[XATTR_FSCRYPT_CONTEXT] = raw
+            if context.needs_inode_number:
+                xattrs[XATTR_FSCRYPT_INO] = str(ino).encode("ascii")
+                xattrs[XATTR_FSCRYPT_FS_UUID] = self.fs.uuid.hex().encode("ascii")
+            if inode.is_reg:
+                xattrs[XATTR_FSCRYPT_SIZE] = str(inode.i_size).encode("ascii")
+                size = context.ciphertext_size(inode.i_size, self.fs.block_size)
+            elif inode.is_symlink:
+                size = len(self._symlink_target(inode, raw, context))
+            if not (inode.is_reg or inode.is_dir):
+                # Linux allows user.* xattrs only on files and directories;
+                # symlinks carry theirs in the target.
+                xattrs = {k: v for k, v in xattrs.items() if not k.startswith(b"user.")}
+        rdev = 0
+        if stat.S_ISCHR(inode.i_mode) or stat.S_ISBLK(inode.i_mode):
+            rdev = os.makedev(*inode.rdev)
+        attr = Attr(
+            st_ino=ino,
+            st_mode=inode.i_mode,
+            st_nlink=inode.i_links_count,
+            st_uid=inode.i_uid,
+            st_gid=inode.i_gid,
+            st_rdev=rdev,
+            st_size=size,
+            st_blocks=(size + 511) // 512,
+            st_atime_ns=inode.i_atime_ns,
+            st_mtime_ns=inode.i_mtime_ns,
+            st_ctime_ns=inode.i_ctime_ns,
+            generation=inode.i_generation,
+        )
+        return Node(attr, xattrs, context)
+
+    def _side_node(self, ino: int) -> Node:
+        dir_ino = ino - side_file_ino(0)
+        listing = self.listing(dir_ino)
+        if listing.side_file is None:
+            raise ViewNotFound(ino)
+        d = self._node(dir_ino).attr
+        attr = Attr(
+            st_ino=ino,
+            st_mode=stat.S_IFREG | (d.st_mode & 0o444),
+            st_nlink=1,
+            st_uid=d.st_uid,
+            st_gid=d.st_gid,
+            st_rdev=0,
+            st_size=len(listing.side_file),
+            st_blocks=(len(listing.side_file) + 511) // 512,
+            st_atime_ns=d.st_atime_ns,
+            st_mtime_ns=d.st_mtime_ns,
+            st_ctime_ns=d.st_ctime_ns,
+            generation=0,
+        )
+        return Node(attr, {}, None)
+
+    def _symlink_target(self, inode: Inode, ctx_raw: bytes, context: FscryptContext) -> bytes:
+        extra = (inode.ino, self.fs.uuid) if context.needs_inode_number else None
+        return encrypted_symlink_target(ctx_raw, self.fs.symlink_body(inode), extra)
+
+    # -- the API the adapter uses ---------------------------------------------
+
+    def attr(self, ino: int) -> Attr:
+        return self._node(ino).attr
+
+    def entries(self, dir_ino: int) -> tuple[Entry, ...]:
+        return self.listing(dir_ino).entries
+
+    def lookup(self, dir_ino: int, name: bytes) -> int:
+        ino = self.listing(dir_ino).by_name.get(name)
+        if ino is None:
+            raise ViewNotFound(name)
+        return ino
+
+    def xattr_names(self, ino: int) -> list[bytes]:
+        return list(self._node(ino).xattrs)
+
+    def xattr(self, ino: int, name: bytes) -> bytes:
+        try:
+            return self._node(ino).xattrs[name]
+        except KeyError:
+            raise ViewNoAttr(name) from None
+
+    def readlink(self, ino: int) -> bytes:
+        node = self._node(ino)
+        inode = self._inode(ino)
+        if not inode.is_symlink:
+            raise ViewNotFound(ino)
+        if node.context is not None:
+            return self._symlink_target(inode, node.xattrs[XATTR_FSCRYPT_CONTEXT], node.context)
+        return self.fs.symlink_body(inode)
+
+    def read(self, ino: int, offset: int, length: int) -> bytes:
+        node = self._node(ino)
+        size = node.attr.st_size
+        if offset >= size or length <= 0:
+            return b""
+        length = min(length, size - offset)
+        if is_side_ino(ino):
+            side = self.listing(ino - side_file_ino(0)).side_file or b""
+            return side[offset : offset + length]
+        return self.fs.read(self._inode(ino), offset, length)
+
+    def statfs(self):
+        return self.fs.sb

@@ -1,0 +1,129 @@
+"""The names a directory shows in the view.
+
+Inside an encrypted directory the view shows exactly the no-key names the
+mainline kernel shows while the directory is locked, so that `ls -a` of
+both agree and a backup can be matched against the live system.  The kernel
+puts the directory hash into those names, computed as its readdir does:
+zeros when it reads the directory linearly, otherwise the ext4 hash of the
+ciphertext name (or the hash stored beside the name in encrypted+casefolded
+directories).
+
+No-key names of ciphertext names longer than 149 bytes keep only a SHA-256
+of the tail, so the full names of such entries go into one side file per
+directory (see docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ciphertextfs.ext4.dirhash import dx_hash_version, ext4fs_dirhash
+from ciphertextfs.ext4.fs import Filesystem
+from ciphertextfs.ext4.inode import Inode
+from ciphertextfs.fscrypt.nokey import base64url_encode, nokey_name
+
+log = logging.getLogger("ciphertextfs")
+
+SIDE_FILE_NAME = b".fscrypt-longnames"
+"""Starts with '.', which no base64url no-key name can contain."""
+
+SIDE_INO_BASE = 1 << 32
+"""Side file of directory d has inode number SIDE_INO_BASE + d: above every
+32-bit ext4 inode number, and the same on every mount (incremental backups)."""
+
+FSCRYPT_NOKEY_PREFIX_LEN = 149
+"""Ciphertext names longer than this get a lossy no-key name."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    name: bytes
+    ino: int
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One directory as the view shows it."""
+
+    entries: tuple[Entry, ...]
+    by_name: dict[bytes, int]
+    side_file: bytes | None
+    """Contents of the long-name side file, or None when the directory needs none."""
+
+
+def side_file_ino(dir_ino: int) -> int:
+    return SIDE_INO_BASE + dir_ino
+
+
+def is_side_ino(ino: int) -> bool:
+    return ino >= SIDE_INO_BASE
+
+
+def side_file_text(long_names: list[tuple[str, bytes]]) -> bytes:
+    """Render the side file: one `<no-key name> <base64url ciphertext>` line per entry."""
+    lines = sorted(f"{name} {base64url_encode(ct)}\n" for name, ct in long_names)
+    return "".join(lines).encode("ascii")
+
+
+def _hash_rule(fs: Filesystem, dir_inode: Inode):
+    """Return how the kernel's readdir hashes this directory's names.
+
+    The kernel's is_dx_dir() decides: a directory read through the htree
+    code gets hashes, one read linearly gets zeros.  An indexed directory
+    hashes with the version in its dx_root, any other with the superblock's
+    default; both honour the unsigned-char flag.
+    """
+    if dir_inode.is_casefold:
+        return "stored", 0
+    if not fs.is_dx_dir(dir_inode):
+        return "zero", 0
+    version = fs.dx_root_hash_version(dir_inode)
+    if version is None:
+        version = fs.sb.s_def_hash_version
+    return "computed", dx_hash_version(version, fs.sb.s_flags)
+
+
+def list_directory(fs: Filesystem, dir_inode: Inode, dir_ino: int) -> Listing:
+    """Build the view's listing of one directory.
+
+    Raises the ext4 layer's CorruptError when the directory itself cannot be
+    read; a duplicate name (only a damaged directory has one) keeps its first
+    entry and is logged.
+    """
+    raw = fs.read_dir(dir_inode)
+    entries: list[Entry] = []
+    by_name: dict[bytes, int] = {}
+    long_names: list[tuple[str, bytes]] = []
+
+    if dir_inode.is_encrypted:
+        rule, version = _hash_rule(fs, dir_inode)
+        seed = fs.sb.s_hash_seed
+        for de in raw:
+            if rule == "stored":
+                h, minor = de.hash or 0, de.minor_hash or 0
+            elif rule == "computed":
+                h, minor = ext4fs_dirhash(de.name, version, seed)
+            else:
+                h, minor = 0, 0
+            name = nokey_name(de.name, h, minor)
+            if len(de.name) > FSCRYPT_NOKEY_PREFIX_LEN:
+                long_names.append((name, de.name))
+            _add(entries, by_name, name.encode("ascii"), de.inode, dir_ino)
+    else:
+        for de in raw:
+            _add(entries, by_name, de.name, de.inode, dir_ino)
+
+    side = None
+    if long_names:
+        side = side_file_text(long_names)
+        _add(entries, by_name, SIDE_FILE_NAME, side_file_ino(dir_ino), dir_ino)
+    return Listing(tuple(entries), by_name, side)
+
+
+def _add(entries: list[Entry], by_name: dict[bytes, int], name: bytes, ino: int, dir_ino: int):
+    if name in by_name:
+        log.warning("directory inode %d: duplicate name %r, keeping the first", dir_ino, name)
+        return
+    by_name[name] = ino
+    entries.append(Entry(name, ino))

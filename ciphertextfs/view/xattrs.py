@@ -1,0 +1,113 @@
+"""The extended attributes an inode shows in the view.
+
+The original xattrs pass through under their usual names, so `rsync -X`
+and `tar --xattrs` keep them; ext4 stores POSIX ACLs in its own compact
+format, which is converted to the `system.posix_acl_*` format that
+`getfacl`, `tar --acls` and `rsync -A` understand.  Encrypted inodes add
+the `user.fscrypt.*` attributes a restore needs (docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+from ciphertextfs.ext4.errors import CorruptError
+from ciphertextfs.ext4.xattr import Xattr
+
+log = logging.getLogger("ciphertextfs")
+
+EXT4_XATTR_INDEX_USER = 1
+EXT4_XATTR_INDEX_POSIX_ACL_ACCESS = 2
+EXT4_XATTR_INDEX_POSIX_ACL_DEFAULT = 3
+EXT4_XATTR_INDEX_TRUSTED = 4
+EXT4_XATTR_INDEX_SECURITY = 6
+EXT4_XATTR_INDEX_ENCRYPTION = 9
+
+XATTR_PREFIXES = {
+    EXT4_XATTR_INDEX_USER: b"user.",
+    EXT4_XATTR_INDEX_TRUSTED: b"trusted.",
+    EXT4_XATTR_INDEX_SECURITY: b"security.",
+}
+"""Name indexes passed through.  Index 8 (system.data) is inline data, not
+an attribute; index 9 is the fscrypt context, shown as user.fscrypt.context."""
+
+ACL_NAMES = {
+    EXT4_XATTR_INDEX_POSIX_ACL_ACCESS: b"system.posix_acl_access",
+    EXT4_XATTR_INDEX_POSIX_ACL_DEFAULT: b"system.posix_acl_default",
+}
+
+XATTR_FSCRYPT_CONTEXT = b"user.fscrypt.context"
+XATTR_FSCRYPT_SIZE = b"user.fscrypt.size"
+XATTR_FSCRYPT_INO = b"user.fscrypt.ino"
+XATTR_FSCRYPT_FS_UUID = b"user.fscrypt.fs_uuid"
+FSCRYPT_XATTR_PREFIX = b"user.fscrypt."
+
+EXT4_ACL_VERSION = 0x0001
+POSIX_ACL_XATTR_VERSION = 0x0002
+ACL_USER_OBJ = 0x01
+ACL_USER = 0x02
+ACL_GROUP_OBJ = 0x04
+ACL_GROUP = 0x08
+ACL_MASK = 0x10
+ACL_OTHER = 0x20
+ACL_UNDEFINED_ID = 0xFFFFFFFF
+_ACL_SHORT_TAGS = (ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER)
+_ACL_FULL_TAGS = (ACL_USER, ACL_GROUP)
+_ACL_MAX_ENTRIES = 8192
+
+
+def ext4_acl_to_posix(value: bytes) -> bytes:
+    """Convert ext4's on-disk ACL (ext4_acl_header + short/full entries).
+
+    ext4 saves four bytes on entries without an id (owner, group, mask,
+    other); the VFS format gives every entry an id, ACL_UNDEFINED_ID there.
+    """
+    if len(value) < 4 or struct.unpack_from("<I", value)[0] != EXT4_ACL_VERSION:
+        raise CorruptError("ACL: bad ext4_acl_header")
+    out = [struct.pack("<I", POSIX_ACL_XATTR_VERSION)]
+    pos = 4
+    while pos < len(value):
+        if pos + 4 > len(value) or len(out) > _ACL_MAX_ENTRIES:
+            raise CorruptError("ACL: truncated entry")
+        tag, perm = struct.unpack_from("<HH", value, pos)
+        if tag in _ACL_SHORT_TAGS:
+            out.append(struct.pack("<HHI", tag, perm, ACL_UNDEFINED_ID))
+            pos += 4
+        elif tag in _ACL_FULL_TAGS:
+            if pos + 8 > len(value):
+                raise CorruptError("ACL: truncated entry")
+            (e_id,) = struct.unpack_from("<I", value, pos + 4)
+            out.append(struct.pack("<HHI", tag, perm, e_id))
+            pos += 8
+        else:
+            raise CorruptError(f"ACL: unknown tag {tag:#x}")
+    return b"".join(out)
+
+
+def passthrough_xattrs(xattrs: list[Xattr], ino: int) -> dict[bytes, bytes]:
+    """Map the inode's on-disk xattrs to the names the view shows.
+
+    An original `user.fscrypt.*` attribute would be shadowed by the view's
+    own: that is logged, since a restore strips that namespace.
+    """
+    out: dict[bytes, bytes] = {}
+    for x in xattrs:
+        prefix = XATTR_PREFIXES.get(x.name_index)
+        if prefix is not None:
+            name = prefix + x.name
+            if name.startswith(FSCRYPT_XATTR_PREFIX):
+                log.warning("inode %d: original xattr %r hidden by the view's own", ino, name)
+                continue
+            out[name] = x.value
+        elif x.name_index in ACL_NAMES and not x.name:
+            out[ACL_NAMES[x.name_index]] = ext4_acl_to_posix(x.value)
+    return out
+
+
+def fscrypt_context_raw(xattrs: list[Xattr]) -> bytes | None:
+    """The raw fscrypt context stored in the inode (index 9, name "c")."""
+    for x in xattrs:
+        if x.name_index == EXT4_XATTR_INDEX_ENCRYPTION and x.name == b"c":
+            return x.value
+    return None

@@ -1,0 +1,221 @@
+"""Encrypted trees written by the kernel, in every shape the view must handle.
+
+The tests build a tree through a real fscrypt-encrypted mount, remember the
+plaintext (`Expected`), then lock the directory or unmount; the view, the
+reader and the restore are then checked against that plaintext and against
+what the kernel itself shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ciphertextfs.fscrypt import kernel
+from ciphertextfs.fscrypt.policy import (
+    FSCRYPT_POLICY_FLAG_IV_INO_LBLK_32,
+    FSCRYPT_POLICY_FLAG_IV_INO_LBLK_64,
+    FSCRYPT_POLICY_FLAGS_PAD_4,
+    FSCRYPT_POLICY_FLAGS_PAD_8,
+    FSCRYPT_POLICY_FLAGS_PAD_16,
+    FSCRYPT_POLICY_FLAGS_PAD_32,
+)
+from tests import harness
+
+TEST_KEY_V2 = bytes(range(64))
+TEST_KEY_V1 = bytes(range(64, 128))
+TEST_KEY_V1_DESCRIPTOR = bytes.fromhex("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One fscrypt policy as the tests set it on a directory."""
+
+    name: str
+    version: int = 2
+    flags: int = FSCRYPT_POLICY_FLAGS_PAD_32
+    log2_data_unit_size: int = 0
+
+    def apply(self, directory: Path, keys: dict[int, bytes]) -> None:
+        if self.version == 1:
+            kernel.set_policy_v1(directory, keys[1], flags=self.flags)
+        else:
+            kernel.set_policy_v2(
+                directory,
+                keys[2],
+                flags=self.flags,
+                log2_data_unit_size=self.log2_data_unit_size,
+            )
+
+
+POLICIES = [
+    Policy("v1", version=1),
+    Policy("v1-pad4", version=1, flags=FSCRYPT_POLICY_FLAGS_PAD_4),
+    Policy("v2"),
+    Policy("v2-pad4", flags=FSCRYPT_POLICY_FLAGS_PAD_4),
+    Policy("v2-pad8", flags=FSCRYPT_POLICY_FLAGS_PAD_8),
+    Policy("v2-pad16", flags=FSCRYPT_POLICY_FLAGS_PAD_16),
+    Policy("v2-ino64", flags=FSCRYPT_POLICY_FLAGS_PAD_32 | FSCRYPT_POLICY_FLAG_IV_INO_LBLK_64),
+    Policy("v2-ino32", flags=FSCRYPT_POLICY_FLAGS_PAD_32 | FSCRYPT_POLICY_FLAG_IV_INO_LBLK_32),
+    Policy("v2-du512", log2_data_unit_size=9),
+]
+POLICY = {p.name: p for p in POLICIES}
+
+
+@contextlib.contextmanager
+def keys_added(mnt: Path) -> Iterator[dict[int, bytes]]:
+    """Add the v1 and v2 test keys; yield {1: descriptor, 2: identifier}."""
+    ident = kernel.add_key(mnt, TEST_KEY_V2)
+    desc = kernel.add_key(mnt, TEST_KEY_V1, descriptor=TEST_KEY_V1_DESCRIPTOR)
+    yield {1: desc, 2: ident}
+
+
+def lock(mnt: Path, keys: dict[int, bytes]) -> None:
+    """Remove both keys so every encrypted directory shows no-key names."""
+    os.sync()
+    for spec in keys.values():
+        with contextlib.suppress(OSError):
+            kernel.remove_key(mnt, spec, all_users=True)
+    harness.drop_caches()
+
+
+def ascii_name(n: int, tag: str = "") -> str:
+    base = (tag + "abcdefghijklmnopqrstuvwxyz0123456789") * 8
+    return base[:n]
+
+
+def utf8_name(nbytes: int) -> str:
+    """A name of exactly nbytes bytes of multi-byte UTF-8 (padded with ASCII)."""
+    chars = "é漢🙂"
+    out, size, i = [], 0, 0
+    while True:
+        c = chars[i % len(chars)]
+        if size + len(c.encode()) > nbytes:
+            break
+        out.append(c)
+        size += len(c.encode())
+        i += 1
+    return "".join(out) + "x" * (nbytes - size)
+
+
+@dataclass
+class Expected:
+    """What a tree holds in plaintext, relative to its root."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    symlinks: dict[str, str] = field(default_factory=dict)
+    dirs: list[str] = field(default_factory=list)
+    special: dict[str, int] = field(default_factory=dict)
+
+
+def write_tree(root: Path, block_size: int, *, small: bool = False) -> Expected:
+    """Write the standard shapes below `root` (an encrypted directory or not).
+
+    Sizes straddle every 16-byte and block boundary that matters, names span
+    1..255 bytes, and there are holes, preallocation, hard links with long
+    names in several directories, every symlink kind, fifos, device nodes
+    and xattrs.  `small` leaves out the big directory and long files, for
+    tests that only need the variety.
+    """
+    exp = Expected()
+
+    def add_file(rel: str, data: bytes) -> None:
+        (root / rel).write_bytes(data)
+        exp.files[rel] = data
+
+    def add_dir(rel: str) -> None:
+        (root / rel).mkdir()
+        exp.dirs.append(rel)
+
+    add_dir("sizes")
+    sizes = sorted({0, 1, 15, 16, 17, 31, 32, 33, block_size - 1, block_size, block_size + 1})
+    if not small:
+        sizes += [2 * block_size + 7, 5 * block_size]
+    for n in sizes:
+        add_file(f"sizes/f{n}", os.urandom(n))
+
+    add_dir("sparse")
+    hole = bytearray(4 * block_size + 100)
+    hole[:10] = b"0123456789"
+    hole[-20:] = os.urandom(20)
+    with open(root / "sparse/holey", "wb") as f:
+        f.write(hole[:10])
+        f.seek(len(hole) - 20)
+        f.write(hole[-20:])
+    exp.files["sparse/holey"] = bytes(hole)
+    with open(root / "sparse/tail-hole", "wb") as f:
+        f.write(b"head")
+        f.truncate(3 * block_size)
+    exp.files["sparse/tail-hole"] = b"head" + bytes(3 * block_size - 4)
+    fd = os.open(root / "sparse/prealloc", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, 3 * block_size)
+        os.pwrite(fd, b"written", block_size)
+    finally:
+        os.close(fd)
+    exp.files["sparse/prealloc"] = bytes(block_size) + b"written" + bytes(2 * block_size - 7)
+    (root / "sparse/keep-size").write_bytes(b"abc")
+    harness.run("fallocate", "-n", "-l", str(4 * block_size), root / "sparse/keep-size")
+    exp.files["sparse/keep-size"] = b"abc"
+
+    add_dir("names")
+    for n in (1, 2, 15, 16, 17, 31, 32, 33, 100, 143, 144, 149, 150, 180, 200, 240, 255):
+        add_file(f"names/{ascii_name(n)}", f"ascii {n}".encode())
+    for n in (2, 16, 50, 150, 254):
+        add_file(f"names/{utf8_name(n)}", f"utf8 {n}".encode())
+
+    rel = "deep"
+    add_dir(rel)
+    for level in range(12):
+        rel += f"/level{level}"
+        add_dir(rel)
+    add_file(rel + "/bottom", b"twelve levels down\n")
+
+    add_dir("links")
+    add_dir("links/other")
+    long_a = ascii_name(250, "A")
+    long_b = ascii_name(251, "B")
+    add_file("links/" + long_a, b"hard-linked\n")
+    os.link(root / "links" / long_a, root / "links/other" / long_b)
+    os.link(root / "links" / long_a, root / "links/short-link")
+    exp.files["links/other/" + long_b] = exp.files["links/" + long_a]
+    exp.files["links/short-link"] = exp.files["links/" + long_a]
+    targets = {
+        "links/fast": "sizes/f1",
+        "links/slow": "../" + "x" * 200 + "/target",
+        "links/dangling": "does/not/exist",
+        "links/" + ascii_name(230, "S"): "target-of-a-long-named-symlink",
+    }
+    for link, target in targets.items():
+        os.symlink(target, root / link)
+        exp.symlinks[link] = target
+
+    add_dir("special")
+    for rel, mode, dev in (
+        ("special/fifo", stat.S_IFIFO | 0o640, 0),
+        ("special/chardev", stat.S_IFCHR | 0o600, os.makedev(1, 3)),
+        ("special/blockdev", stat.S_IFBLK | 0o600, os.makedev(7, 200)),
+        ("special/" + ascii_name(200, "F"), stat.S_IFIFO | 0o600, 0),
+    ):
+        os.mknod(root / rel, mode, dev)
+        exp.special[rel] = mode
+
+    add_dir("xattrs")
+    add_file("xattrs/tagged", b"has xattrs\n")
+    os.setxattr(root / "xattrs/tagged", "user.comment", b"hello")
+    os.setxattr(root / "xattrs/tagged", "user.binary", bytes(range(256)))
+    os.setxattr(root / "xattrs", "user.dir", b"on a directory")
+    harness.run("setfacl", "-m", "u:1234:r--,g:4321:rw-", root / "xattrs/tagged")
+    harness.run("setfacl", "-d", "-m", "u:1234:rwx", root / "xattrs")
+    os.chmod(root / "xattrs/tagged", 0o640)
+    os.chown(root / "xattrs/tagged", 1234, 4321)
+
+    if not small:
+        add_dir("big")
+        for i in range(1100):
+            add_file(f"big/entry-{i:05d}-" + "n" * (i % 90), b"")
+    return exp
