@@ -1,0 +1,160 @@
+"""No-key names: how the kernel shows encrypted names without the key.
+
+Since Linux 5.15 (fs/crypto/fname.c) a locked directory lists each entry
+as the base64url encoding of struct fscrypt_nokey_name.  The view uses the
+very same names so that a backup looks exactly like a locked directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+from .errors import FscryptError
+
+__all__ = [
+    "FSCRYPT_NOKEY_NAME_MAX",
+    "FSCRYPT_NOKEY_NAME_MAX_ENCODED",
+    "NokeyName",
+    "base64url_encode",
+    "base64url_decode",
+    "nokey_name",
+    "parse_nokey_name",
+    "is_long",
+]
+
+_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_VALUE = {c: i for i, c in enumerate(_ALPHABET)}
+
+FSCRYPT_NOKEY_NAME_DIRHASH_SIZE = 8
+FSCRYPT_NOKEY_NAME_BYTES = 149  # ciphertext bytes kept verbatim
+FSCRYPT_NOKEY_NAME_SHA256_SIZE = 32
+FSCRYPT_NOKEY_NAME_MAX = (
+    FSCRYPT_NOKEY_NAME_DIRHASH_SIZE + FSCRYPT_NOKEY_NAME_BYTES + FSCRYPT_NOKEY_NAME_SHA256_SIZE
+)
+FSCRYPT_NOKEY_NAME_MAX_ENCODED = (FSCRYPT_NOKEY_NAME_MAX * 4 + 2) // 3  # 252 <= NAME_MAX
+
+_SHORT_MAX = FSCRYPT_NOKEY_NAME_DIRHASH_SIZE + FSCRYPT_NOKEY_NAME_BYTES
+
+
+def base64url_encode(data: bytes) -> str:
+    """RFC 4648 base64url without '=' padding, like fscrypt_base64url_encode()."""
+    out = bytearray()
+    n = len(data)
+    full = n - n % 3
+    for i in range(0, full, 3):
+        v = (data[i] << 16) | (data[i + 1] << 8) | data[i + 2]
+        out += bytes(
+            (
+                _ALPHABET[v >> 18],
+                _ALPHABET[(v >> 12) & 63],
+                _ALPHABET[(v >> 6) & 63],
+                _ALPHABET[v & 63],
+            )
+        )
+    rest = n - full
+    if rest == 1:
+        v = data[full] << 4
+        out += bytes((_ALPHABET[v >> 6], _ALPHABET[v & 63]))
+    elif rest == 2:
+        v = (data[full] << 10) | (data[full + 1] << 2)
+        out += bytes((_ALPHABET[v >> 12], _ALPHABET[(v >> 6) & 63], _ALPHABET[v & 63]))
+    return out.decode("ascii")
+
+
+def base64url_decode(text: str | bytes) -> bytes:
+    """Strict inverse of base64url_encode().
+
+    Rejects characters outside the alphabet, '=' padding, a length that
+    leaves a lone 6-bit group, and nonzero leftover bits: each byte string
+    has exactly one accepted encoding, so a name maps to one ciphertext.
+    """
+    if isinstance(text, str):
+        try:
+            raw = text.encode("ascii")
+        except UnicodeEncodeError:
+            raise FscryptError("base64url text is not ASCII") from None
+    else:
+        raw = bytes(text)
+    if len(raw) % 4 == 1:
+        raise FscryptError(f"base64url text of impossible length {len(raw)}")
+    acc = 0
+    bits = 0
+    out = bytearray()
+    for c in raw:
+        v = _VALUE.get(c)
+        if v is None:
+            raise FscryptError(f"invalid base64url character {chr(c)!r}")
+        acc = (acc << 6) | v
+        bits += 6
+        if bits >= 8:
+            bits -= 8
+            out.append((acc >> bits) & 0xFF)
+    if acc & ((1 << bits) - 1):
+        raise FscryptError("base64url text with nonzero trailing bits")
+    return bytes(out)
+
+
+def is_long(ciphertext_len: int) -> bool:
+    """Whether the no-key name of such a ciphertext name loses information."""
+    return ciphertext_len > FSCRYPT_NOKEY_NAME_BYTES
+
+
+@dataclass(frozen=True)
+class NokeyName:
+    """A decoded struct fscrypt_nokey_name.
+
+    `prefix` is the whole ciphertext name when `sha256` is None, otherwise
+    its first 149 bytes and `sha256` covers the remaining bytes.
+    """
+
+    hash: int
+    minor_hash: int
+    prefix: bytes
+    sha256: bytes | None
+
+    def matches(self, ciphertext: bytes) -> bool:
+        """Whether `ciphertext` is a name this no-key name may stand for (dirhash aside)."""
+        if self.sha256 is None:
+            return ciphertext == self.prefix
+        return (
+            is_long(len(ciphertext))
+            and ciphertext[:FSCRYPT_NOKEY_NAME_BYTES] == self.prefix
+            and hashlib.sha256(ciphertext[FSCRYPT_NOKEY_NAME_BYTES:]).digest() == self.sha256
+        )
+
+
+def nokey_name(ciphertext: bytes, hash: int = 0, minor_hash: int = 0) -> str:
+    """The name the kernel lists for `ciphertext` in a locked directory.
+
+    `hash`/`minor_hash` are what the filesystem's readdir passes: zeros for
+    linearly read directories, the dx hash of the ciphertext name otherwise.
+    """
+    if not ciphertext:
+        raise FscryptError("empty ciphertext name")
+    if not (0 <= hash <= 0xFFFFFFFF and 0 <= minor_hash <= 0xFFFFFFFF):
+        raise ValueError("dirhash out of range")
+    head = struct.pack("<II", hash, minor_hash)
+    if is_long(len(ciphertext)):
+        body = (
+            ciphertext[:FSCRYPT_NOKEY_NAME_BYTES]
+            + hashlib.sha256(ciphertext[FSCRYPT_NOKEY_NAME_BYTES:]).digest()
+        )
+    else:
+        body = bytes(ciphertext)
+    return base64url_encode(head + body)
+
+
+def parse_nokey_name(name: str | bytes) -> NokeyName:
+    """Decode a no-key name; raises FscryptError if it cannot be one."""
+    if len(name) > FSCRYPT_NOKEY_NAME_MAX_ENCODED:
+        raise FscryptError("no-key name too long")
+    raw = base64url_decode(name)
+    n = len(raw)
+    if n <= FSCRYPT_NOKEY_NAME_DIRHASH_SIZE or (_SHORT_MAX < n < FSCRYPT_NOKEY_NAME_MAX):
+        raise FscryptError(f"no-key name decodes to an impossible {n} bytes")
+    h, minor = struct.unpack_from("<II", raw)
+    if n == FSCRYPT_NOKEY_NAME_MAX:
+        return NokeyName(h, minor, raw[8:_SHORT_MAX], raw[_SHORT_MAX:])
+    return NokeyName(h, minor, raw[8:], None)
