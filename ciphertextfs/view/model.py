@@ -28,6 +28,7 @@ from ciphertextfs.view.names import (
     side_file_ino,
 )
 from ciphertextfs.view.xattrs import (
+    XATTR_FSCRYPT_BLOCK_SIZE,
     XATTR_FSCRYPT_CONTEXT,
     XATTR_FSCRYPT_FS_UUID,
     XATTR_FSCRYPT_INO,
@@ -79,6 +80,7 @@ class Node:
     attr: Attr
     xattrs: dict[bytes, bytes]
     context: FscryptContext | None
+    context_raw: bytes | None
 
 
 class _LRU(OrderedDict):
@@ -93,9 +95,7 @@ class _LRU(OrderedDict):
             self.popitem(last=False)
 
 
-def encrypted_symlink_target(
-    ctx_raw: bytes, body: bytes, extra: tuple[int, bytes] | None
-) -> bytes:
+def encrypted_symlink_target(ctx_raw: bytes, body: bytes, extra: tuple[int, bytes] | None) -> bytes:
     """The view's target for an encrypted symlink (docs/FORMAT.md).
 
     `body` is the on-disk symlink body: a little-endian 16-bit ciphertext
@@ -177,7 +177,7 @@ class View:
         inode = self._inode(ino)
         on_disk = self.fs.xattrs(inode)
         xattrs = passthrough_xattrs(on_disk, ino)
-        context = None
+        context = raw = None
         size = inode.i_size
         if inode.is_encrypted:
             raw = fscrypt_context_raw(on_disk)
@@ -190,6 +190,7 @@ class View:
                 xattrs[XATTR_FSCRYPT_FS_UUID] = self.fs.uuid.hex().encode("ascii")
             if inode.is_reg:
                 xattrs[XATTR_FSCRYPT_SIZE] = str(inode.i_size).encode("ascii")
+                xattrs[XATTR_FSCRYPT_BLOCK_SIZE] = str(self.fs.block_size).encode("ascii")
                 size = context.ciphertext_size(inode.i_size, self.fs.block_size)
             elif inode.is_symlink:
                 size = len(self._symlink_target(inode, raw, context))
@@ -214,7 +215,7 @@ class View:
             st_ctime_ns=inode.i_ctime_ns,
             generation=inode.i_generation,
         )
-        return Node(attr, xattrs, context)
+        return Node(attr, xattrs, context, raw)
 
     def _side_node(self, ino: int) -> Node:
         dir_ino = ino - side_file_ino(0)
@@ -236,7 +237,7 @@ class View:
             st_ctime_ns=d.st_ctime_ns,
             generation=0,
         )
-        return Node(attr, {}, None)
+        return Node(attr, {}, None, None)
 
     def _symlink_target(self, inode: Inode, ctx_raw: bytes, context: FscryptContext) -> bytes:
         extra = (inode.ino, self.fs.uuid) if context.needs_inode_number else None
@@ -270,8 +271,8 @@ class View:
         inode = self._inode(ino)
         if not inode.is_symlink:
             raise ViewNotFound(ino)
-        if node.context is not None:
-            return self._symlink_target(inode, node.xattrs[XATTR_FSCRYPT_CONTEXT], node.context)
+        if node.context is not None and node.context_raw is not None:
+            return self._symlink_target(inode, node.context_raw, node.context)
         return self.fs.symlink_body(inode)
 
     def read(self, ino: int, offset: int, length: int) -> bytes:

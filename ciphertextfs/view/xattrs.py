@@ -39,6 +39,7 @@ ACL_NAMES = {
 
 XATTR_FSCRYPT_CONTEXT = b"user.fscrypt.context"
 XATTR_FSCRYPT_SIZE = b"user.fscrypt.size"
+XATTR_FSCRYPT_BLOCK_SIZE = b"user.fscrypt.block_size"
 XATTR_FSCRYPT_INO = b"user.fscrypt.ino"
 XATTR_FSCRYPT_FS_UUID = b"user.fscrypt.fs_uuid"
 FSCRYPT_XATTR_PREFIX = b"user.fscrypt."

@@ -1,0 +1,50 @@
+"""The `ciphertextfs` command: one subcommand per module in ciphertextfs.commands.
+
+Each command module provides `register(subparsers)`, which adds its parser
+and sets `run` as the parser's default; `run(args)` returns the exit code or
+raises `CommandError`.  Adding a command means adding its name to COMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from ciphertextfs import __version__
+from ciphertextfs.commands import PROG, CommandError
+
+COMMANDS = ("mount", "decrypt", "inspect", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Back up fscrypt-encrypted ext4 files without the owner's key: a read-only "
+            "view of the ciphertext, and the restore that decrypts a backup of it."
+        ),
+        epilog=f"Run '{PROG} COMMAND --help' for the options of each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"ciphertextfs.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except CommandError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""`ciphertextfs decrypt`: restore the original tree from a backup of the view.
+
+Exit status: 0 everything restored, 1 some entries not restored (each
+reported on stderr), 2 usage or fatal error (nothing restored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ciphertextfs.commands import PROG, CommandError
+
+DESCRIPTION = """\
+Decrypt a backup of the ciphertext view into DEST with the owner's keys.
+
+SOURCE is a directory holding a copy of the view (tar --xattrs -x,
+rsync -aHAX) or a tar archive made from the view (any compression), read
+directly.  DEST must not exist or be an empty directory; it may lie in an
+unlocked fscrypt-encrypted directory (the kernel re-encrypts).
+
+Key files hold a raw 64-byte master key.  v2 policies find their key by
+its identifier; v1 policies by the descriptor given with --v1-key, or else
+by the descriptor e4crypt/fscrypt derive from the key.
+
+Every entry that cannot be restored is reported on stderr ("not restored:
+PATH: REASON"); a missing key is reported once with the number of entries
+that need it.  The rest of the tree is restored."""
+
+EPILOG = """\
+exit status:
+  0  every entry restored (or, with --verify, restorable)
+  1  some entries not restored; each is reported on stderr
+  2  usage error or fatal error (unreadable SOURCE or key file, unusable DEST)"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "decrypt",
+        help="decrypt a backup of the view with the owner's keys",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="raw 64-byte master key (repeatable)",
+    )
+    p.add_argument(
+        "--v1-key",
+        action="append",
+        default=[],
+        metavar="DESCRIPTOR=FILE",
+        help="v1 master key for the 16-hex-digit key descriptor (repeatable)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="decrypt everything without writing; report what could not be restored",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="block size of the original filesystem, the data unit size of policies "
+        "without a custom one (default 4096)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
+    p.add_argument("source", metavar="SOURCE", help="backup directory or tar archive")
+    p.add_argument("dest", metavar="DEST", nargs="?", help="where to restore (not with --verify)")
+    p.set_defaults(run=run)
+    return p
+
+
+add_parser = register
+
+
+def run(args: argparse.Namespace) -> int:
+    from ciphertextfs.restore.backup import BackupError, open_backup
+    from ciphertextfs.restore.keys import KeyFileError, KeyRing
+    from ciphertextfs.restore.report import EXIT_FATAL, Report
+    from ciphertextfs.restore.restorer import Restorer
+    from ciphertextfs.restore.writer import DestError, DestWriter
+
+    if args.verify and args.dest is not None:
+        raise CommandError("--verify takes SOURCE only, no DEST", EXIT_FATAL)
+    if not args.verify and args.dest is None:
+        raise CommandError("DEST is required (or use --verify)", EXIT_FATAL)
+    if not args.key and not args.v1_key:
+        raise CommandError("give at least one --key or --v1-key", EXIT_FATAL)
+    bs = args.block_size
+    if bs < 1024 or bs > 65536 or bs & (bs - 1):
+        raise CommandError(f"--block-size {bs}: not a power of two from 1024 to 65536", EXIT_FATAL)
+    try:
+        keys = KeyRing.from_args(args.key, args.v1_key)
+    except KeyFileError as e:
+        raise CommandError(str(e), EXIT_FATAL) from None
+    try:
+        backup = open_backup(args.source)
+    except BackupError as e:
+        raise CommandError(str(e), EXIT_FATAL) from None
+    report = Report(stream=sys.stderr, quiet=args.quiet, progress=sys.stderr.isatty())
+    writer = DestWriter(args.dest or ".", dry=args.verify)
+    with backup:
+        try:
+            return Restorer(backup, writer, keys, report, block_size=bs).run(verify=args.verify)
+        except DestError as e:
+            raise CommandError(str(e), EXIT_FATAL) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command alone (tests, and before cli.py knows it)."""
+    parser = argparse.ArgumentParser(prog=PROG)
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["decrypt", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run(args)
+    except CommandError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""`ciphertextfs inspect`: decode the fscrypt metadata of entries of the view or a backup.
+
+Reads only what a backup keeps: the user.fscrypt.* attributes of files and
+directories, the `fscrypt:1:` target of encrypted symlinks, and the no-key
+name of an entry of an encrypted directory (with its side file for long
+names).  No key is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+from typing import Any
+
+import xattr
+
+from ciphertextfs.commands import PROG, CommandError
+
+EPILOG = """\
+exit status:
+  0  every PATH inspected
+  1  some PATH could not be read or decoded (reported on stderr)
+  2  usage error"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "inspect",
+        help="show the fscrypt metadata of entries of the view or of a backup",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="one JSON array instead of text")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.set_defaults(run=run)
+    return p
+
+
+add_parser = register
+
+
+def _xattrs(path: str) -> dict[bytes, bytes]:
+    try:
+        names = xattr.list(path, nofollow=True)
+    except OSError:
+        return {}
+    out = {}
+    for n in names:
+        if n.startswith(b"user.fscrypt."):
+            try:
+                out[n] = xattr.get(path, n, nofollow=True)
+            except OSError:
+                continue
+    return out
+
+
+def _kind(mode: int) -> str:
+    from ciphertextfs.restore.backup import _kind_of
+
+    k = _kind_of(mode)
+    return k.value if k else "unknown"
+
+
+def inspect_path(path: str) -> dict[str, Any]:
+    """Everything decodable about one entry, as a JSON-ready dict."""
+    from ciphertextfs.fscrypt.errors import FscryptError
+    from ciphertextfs.fscrypt.nokey import base64url_encode, parse_nokey_name
+    from ciphertextfs.restore.backup import SIDE_FILE_NAME
+    from ciphertextfs.restore.plan import (
+        XATTR_CONTEXT,
+        RestoreProblem,
+        fscrypt_attrs,
+        parse_side_file,
+        parse_symlink_target,
+    )
+
+    st = os.lstat(path)
+    info: dict[str, Any] = {"path": path, "type": _kind(st.st_mode)}
+    problems: list[str] = []
+    parent = os.path.dirname(os.path.abspath(path))
+    name = os.fsencode(os.path.basename(os.path.abspath(path)))
+    if XATTR_CONTEXT in _xattrs(parent) and name != SIDE_FILE_NAME:
+        try:
+            nk = parse_nokey_name(name)
+            n: dict[str, Any] = {
+                "dirhash": f"{nk.hash:08x}",
+                "minor_hash": f"{nk.minor_hash:08x}",
+                "long": nk.sha256 is not None,
+            }
+            if nk.sha256 is None:
+                n["ciphertext_length"] = len(nk.prefix)
+            else:
+                n["sha256"] = nk.sha256.hex()
+                side_path = os.path.join(parent, os.fsdecode(SIDE_FILE_NAME))
+                full = None
+                if os.path.isfile(side_path):
+                    with open(side_path, "rb") as f:
+                        full = parse_side_file(f.read()).get(name)
+                n["side_file"] = full is not None
+                if full is not None:
+                    n["ciphertext_length"] = len(full)
+                    n["side_file_matches"] = nk.matches(full)
+                    n["ciphertext"] = base64url_encode(full)
+            info["nokey_name"] = n
+        except FscryptError as e:
+            problems.append(f"name is not a no-key name: {e}")
+    try:
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(os.fsencode(path))
+            if target.startswith(b"fscrypt:1:"):
+                link = parse_symlink_target(target)
+                info["context"] = link.context.to_json()
+                info["description"] = link.context.describe()
+                info["symlink"] = {"ciphertext_length": len(link.ciphertext)}
+                if link.ino is not None:
+                    info["ino"] = link.ino
+                    info["fs_uuid"] = link.fs_uuid.hex() if link.fs_uuid else None
+            else:
+                info["symlink"] = {"target": os.fsdecode(target)}
+        else:
+            attrs = fscrypt_attrs(_xattrs(path), regular=stat.S_ISREG(st.st_mode))
+            if attrs is not None:
+                info["context"] = attrs.context.to_json()
+                info["description"] = attrs.context.describe()
+                if attrs.size is not None:
+                    info["size"] = attrs.size
+                    info["ciphertext_size"] = st.st_size
+                if attrs.ino is not None:
+                    info["ino"] = attrs.ino
+                if attrs.fs_uuid is not None:
+                    info["fs_uuid"] = attrs.fs_uuid.hex()
+                if attrs.block_size is not None:
+                    info["block_size"] = attrs.block_size
+    except (RestoreProblem, FscryptError) as e:
+        problems.append(str(e))
+    info["encrypted"] = "context" in info
+    if problems:
+        info["problems"] = problems
+    return info
+
+
+def _text(info: dict[str, Any]) -> str:
+    lines = [f"{info['path']}:", f"  type: {info['type']}"]
+    if "description" in info:
+        lines.append(f"  context: {info['description']}")
+    else:
+        lines.append("  not encrypted" if "problems" not in info else "  context: unreadable")
+    if "size" in info:
+        lines.append(f"  size: {info['size']} (ciphertext {info['ciphertext_size']} bytes)")
+    if "ino" in info:
+        lines.append(f"  inode: {info['ino']}, filesystem uuid {info.get('fs_uuid')}")
+    n = info.get("nokey_name")
+    if n:
+        if not n["long"]:
+            text = f"{n['ciphertext_length']}-byte ciphertext name"
+        elif n["side_file"]:
+            ok = "matches" if n["side_file_matches"] else "DOES NOT MATCH"
+            text = f"long ({n['ciphertext_length']} bytes), side file entry {ok} its SHA-256"
+        else:
+            text = "long, NOT in the directory's side file"
+        lines.append(f"  name: no-key, dirhash {n['dirhash']}/{n['minor_hash']}, {text}")
+    s = info.get("symlink")
+    if s:
+        if "target" in s:
+            lines.append(f"  symlink target: {s['target']}")
+        else:
+            lines.append(f"  symlink: encrypted target, {s['ciphertext_length']}-byte ciphertext")
+    for p in info.get("problems", []):
+        lines.append(f"  problem: {p}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    results = []
+    status = 0
+    for path in args.paths:
+        try:
+            info = inspect_path(path)
+        except OSError as e:
+            print(f"{PROG}: {path}: {e.strerror}", file=sys.stderr)
+            status = 1
+            continue
+        if "problems" in info:
+            status = 1
+        results.append(info)
+        if not args.json:
+            print(_text(info))
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        print()
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG)
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["inspect", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run(args)
+    except CommandError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""`ciphertextfs mount`: serve the ciphertext view of an ext4 filesystem over FUSE.
+
+Everything that can be checked is checked before forking, so that a failure
+is one line on stderr with nothing mounted, and success means the mount
+answers requests by the time the command returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import stat
+import sys
+from typing import Any
+
+from ciphertextfs.commands import PROG, CommandError
+
+log = logging.getLogger("ciphertextfs")
+
+#: -o options: name -> help.  ro and default_permissions are always on and
+#: accepted only so that fstab-style option lists work unchanged.
+MOUNT_OPTIONS = {
+    "allow_other": "let other users use the view (file modes and ACLs still apply)",
+    "debug": "trace every FUSE request to stderr; implies -f",
+    "ro": "read-only (always on)",
+    "default_permissions": "the kernel checks file modes and ACLs (always on)",
+}
+
+DESCRIPTION = """\
+Mount a read-only view of an ext4 filesystem at MOUNTPOINT in which files
+encrypted with fscrypt read as their on-disk ciphertext, so that an
+administrator can back them up without the owner's key.  Inside encrypted
+directories names appear as the kernel's no-key names; the encryption
+context and the real size are the user.fscrypt.* extended attributes.
+Unencrypted files appear unchanged.  A backup that keeps names, contents,
+modes, times, symlink targets and user.* xattrs (tar --xattrs, rsync -aHAX)
+can later be decrypted with 'ciphertextfs decrypt'.
+
+SOURCE is one of:
+  - an ext4 block device (/dev/sdb1, a snapshot such as /dev/vg/snap);
+  - an ext4 image file;
+  - a directory inside a mounted ext4 filesystem: the view shows that
+    directory's tree, read from the filesystem's block device.  The
+    filesystem is synced first; files changing during the backup may be
+    seen in an intermediate state, so prefer a snapshot for consistency.
+
+SOURCE is only ever opened read-only.  Reading a block device needs the
+privileges to open it (usually root).  The view enforces the original file
+modes and ACLs (default_permissions is always on).
+
+Unless -f is given, the command returns once the view answers requests
+and a background process serves it.  Unmount with 'fusermount3 -u
+MOUNTPOINT' or 'umount MOUNTPOINT'; SIGTERM or SIGINT to the serving
+process also unmounts."""
+
+EPILOG = """\
+mount options (-o, comma-separated):
+{options}
+
+exit status:
+  0  mounted (with -f: served, then unmounted cleanly)
+  1  SOURCE, MOUNTPOINT or FUSE unusable; nothing is mounted
+  2  usage error
+
+examples:
+  Back up an LVM snapshot of /home:
+    ciphertextfs mount /dev/vg/home-snap /mnt/view
+    tar --xattrs --xattrs-include='*' -C /mnt/view -cf home.tar .
+    fusermount3 -u /mnt/view
+
+  Back up a directory of the running system with rsync:
+    ciphertextfs mount /home/alice /mnt/view && rsync -aHAX /mnt/view/ backup:/alice/
+
+  Look at an image in the foreground, with request tracing:
+    ciphertextfs mount -f -o debug disk.img /mnt/view
+"""
+
+
+def register(subparsers: Any) -> None:
+    options = "\n".join(f"  {name:<20} {text}" for name, text in MOUNT_OPTIONS.items())
+    p = subparsers.add_parser(
+        "mount",
+        help="mount the ciphertext view of an ext4 filesystem",
+        description=DESCRIPTION,
+        epilog=EPILOG.format(options=options),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground, log to stderr; end with Ctrl-C or an unmount",
+    )
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="comma-separated mount options, see below (may be repeated)",
+    )
+    p.add_argument(
+        "--log",
+        metavar="FILE",
+        help="append warnings (damaged inodes, read errors) to FILE when in the background",
+    )
+    p.add_argument("source", metavar="SOURCE", help="ext4 block device, image file or directory")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory, not in use")
+    p.set_defaults(run=run)
+
+
+def parse_options(values: list[str]) -> set[str]:
+    chosen = set()
+    for value in values:
+        for name in value.split(","):
+            name = name.strip()
+            if not name:
+                continue
+            if name == "rw":
+                raise CommandError("option 'rw': the view is always read-only", exit_code=2)
+            if name not in MOUNT_OPTIONS:
+                known = ", ".join(MOUNT_OPTIONS)
+                raise CommandError(f"unknown mount option '{name}' (known: {known})", 2)
+            chosen.add(name)
+    return chosen
+
+
+def check_mountpoint(path: str) -> None:
+    from ciphertextfs.source import is_mount_point
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CommandError(f"{path}: mount point does not exist") from None
+    except OSError as e:
+        raise CommandError(f"{path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CommandError(f"{path}: mount point is not a directory")
+    if is_mount_point(path):
+        raise CommandError(f"{path}: mount point is busy (something is mounted there)")
+
+
+def check_dev_fuse() -> None:
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise CommandError(f"/dev/fuse: {e.strerror}: FUSE is unavailable") from None
+    try:
+        if not stat.S_ISCHR(os.fstat(fd).st_mode):
+            raise CommandError("/dev/fuse: not a character device: FUSE is unavailable")
+    finally:
+        os.close(fd)
+
+
+def open_source(path: str) -> tuple[Any, Any]:
+    """(Filesystem, Source) for SOURCE, or CommandError with the reason."""
+    from ciphertextfs.ext4.errors import CorruptError, Ext4Error, NotExt4Error
+    from ciphertextfs.ext4.fs import Filesystem
+    from ciphertextfs.source import SourceError, resolve_source
+
+    try:
+        source = resolve_source(path)
+    except SourceError as e:
+        raise CommandError(str(e)) from None
+    try:
+        fs = Filesystem.open(source.path)
+    except NotExt4Error as e:
+        raise CommandError(f"{path}: not an ext4 filesystem ({e})") from None
+    except CorruptError as e:
+        raise CommandError(f"{path}: damaged ext4 filesystem ({e})") from None
+    except Ext4Error as e:
+        raise CommandError(f"{path}: {e}") from None
+    except OSError as e:
+        raise CommandError(f"{source.path}: {e.strerror or e}") from None
+    return fs, source
+
+
+def configure_logging(foreground: bool, debug: bool, log_file: str | None) -> None:
+    log.propagate = False
+    log.setLevel(logging.DEBUG if debug else logging.WARNING)
+    handler: logging.Handler
+    if foreground or debug:
+        handler = logging.StreamHandler(sys.stderr)
+    elif log_file:
+        try:
+            handler = logging.FileHandler(log_file)
+        except OSError as e:
+            raise CommandError(f"{log_file}: {e.strerror}") from None
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s ciphertextfs[%(process)d]: %(message)s"))
+    log.addHandler(handler)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = parse_options(args.options)
+    debug = "debug" in options
+    foreground = args.foreground or debug
+    configure_logging(foreground, debug, args.log)
+
+    fs, source = open_source(args.source)
+    check_mountpoint(args.mountpoint)
+    check_dev_fuse()
+
+    from ciphertextfs.fuse import CiphertextOperations, fuse_options
+    from ciphertextfs.view.model import View
+
+    view = View(fs, source.root_ino, live=source.live)
+    try:
+        root = view.attr(source.root_ino)
+    except Exception as e:  # noqa: BLE001 - any failure here is the source's fault
+        raise CommandError(f"{args.source}: cannot read the root directory ({e})") from None
+    if not stat.S_ISDIR(root.st_mode):
+        raise CommandError(f"{args.source}: inode {source.root_ino} is not a directory")
+    for warning in getattr(fs, "warnings", [])[:5]:
+        print(f"{PROG}: warning: {args.source}: {warning}", file=sys.stderr)
+
+    ops = CiphertextOperations(view, fs.sb, statvfs_path=source.directory)
+    opts = fuse_options(
+        os.path.abspath(args.source), allow_other="allow_other" in options, debug=debug
+    )
+    mountpoint = os.path.abspath(args.mountpoint)
+    if foreground:
+        return serve_foreground(ops, mountpoint, opts)
+    return serve_background(ops, mountpoint, opts, args.log)
+
+
+def serve_foreground(ops: Any, mountpoint: str, opts: set[str]) -> int:
+    from ciphertextfs.fuse import serve
+
+    try:
+        serve(ops, mountpoint, opts)
+    except RuntimeError as e:
+        raise CommandError(f"{mountpoint}: cannot mount: {e}") from None
+    return 0
+
+
+def _redirect_stdio(log_file: str | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    out = null
+    if log_file:
+        out = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    for fd in {null, out}:
+        os.close(fd)
+
+
+def serve_background(ops: Any, mountpoint: str, opts: set[str], log_file: str | None) -> int:
+    """Fork; the parent returns once the child's mount answers requests.
+
+    The child reports "ok" or its error through a pipe; end of file without
+    either means it died before mounting.
+    """
+    from ciphertextfs.fuse import serve
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        os.setsid()
+        ready = False
+
+        def on_ready() -> None:
+            nonlocal ready
+            os.write(wfd, b"ok\n")
+            os.close(wfd)
+            ready = True
+            _redirect_stdio(log_file)
+
+        code = 0
+        try:
+            serve(ops, mountpoint, opts, on_ready)
+        except BaseException as e:  # noqa: BLE001 - report whatever ends the child
+            code = 1
+            if ready:
+                log.error("serving %s failed: %s", mountpoint, e)
+            else:
+                msg = f"{mountpoint}: cannot mount: {e}".replace("\n", " ")
+                os.write(wfd, msg.encode("utf-8", "replace") + b"\n")
+        finally:
+            logging.shutdown()
+        os._exit(code)
+
+    os.close(wfd)
+    chunks = []
+    while chunk := os.read(rfd, 4096):
+        chunks.append(chunk)
+    os.close(rfd)
+    reply = b"".join(chunks).decode("utf-8", "replace").strip()
+    if reply == "ok":
+        return 0
+    os.waitpid(pid, 0)
+    raise CommandError(reply or f"{mountpoint}: the serving process died before mounting")

@@ -1,0 +1,208 @@
+"""The mounted view of a plain ext4 image against the kernel's own mount of it.
+
+The kernel is the oracle: everything the view shows of an unencrypted tree
+(names, inode numbers, modes, owners, times, contents, link targets,
+xattrs, ACLs, statfs) must match what the kernel shows of the same image.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests import harness
+from tests.harness_view import view_mount
+
+BIG = 40 << 20  # crosses the adapter's page cache window (32 MiB)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        harness.require_fuse()
+    except harness.KernelUnavailable as e:
+        pytest.fail(f"kernel capability missing: {e}")
+    base = tmp_path_factory.mktemp("fuseview")
+    img = harness.mkfs(base / "src.img", size_mb=96, features=("encrypt", "^has_journal"))
+    with harness.mounted(img, base / "src.mnt") as (_dev, m):
+        d = m / "d"
+        d.mkdir()
+        (d / "f").write_bytes(b"hello\n")
+        os.setxattr(d / "f", "user.note", b"\x00binary\xff")
+        os.link(d / "f", d / "hard")
+        os.symlink("f", d / "sym")
+        os.mkfifo(d / "fifo")
+        os.mknod(d / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        (d / "big").write_bytes(os.urandom(BIG))
+        with open(d / "sparse", "wb") as f:
+            f.seek(5 << 20)
+            f.write(b"tail")
+        secret = d / "secret"
+        secret.write_bytes(b"owner only\n")
+        os.chown(secret, 1234, 1234)
+        os.chmod(secret, 0o600)
+        acl = d / "acl"
+        acl.write_bytes(b"acl\n")
+        os.chmod(acl, 0o600)
+        harness.run("setfacl", "-m", "u:nobody:r", acl)
+        many = m / "many"
+        many.mkdir()
+        for i in range(1500):
+            (many / f"{i:05d}-{'x' * 90}").touch()
+        os.utime(d / "f", ns=(1_000_000_123, 2_000_000_456))
+    return img
+
+
+def walk(top: Path) -> dict[str, tuple]:
+    """Everything the view must reproduce, per relative path."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            rel = os.fspath(p.relative_to(top))
+            if stat.S_ISREG(st.st_mode):
+                body = sha256(p)
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(p)
+            else:
+                body = None
+            xattrs = {}
+            if not stat.S_ISLNK(st.st_mode):
+                xattrs = {n: os.getxattr(p, n) for n in os.listxattr(p) if n.startswith("user.")}
+            out[rel] = (
+                st.st_ino,
+                st.st_mode,
+                st.st_nlink,
+                st.st_uid,
+                st.st_gid,
+                st.st_rdev,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                body,
+                xattrs,
+            )
+    return out
+
+
+def test_view_matches_kernel_and_source_unchanged(image: Path, tmp_path: Path) -> None:
+    before = sha256(image)
+    with harness.mounted(image, tmp_path / "k", read_only=True) as (_dev, kmnt):
+        expected = walk(kmnt)
+        kernel_ls = sorted(os.listdir(kmnt / "many"))
+        kernel_acl = harness.run("getfacl", "-n", "-p", kmnt / "d" / "acl")
+    with view_mount(image, tmp_path / "v") as v:
+        got = walk(v.mountpoint)
+        listing = os.listdir(v.mountpoint / "many")
+        view_acl = harness.run("getfacl", "-n", "-p", v.mountpoint / "d" / "acl")
+        root_ls = sorted(os.listdir(v.mountpoint))
+    assert got == expected
+    assert len(listing) == len(set(listing)) == 1500
+    assert sorted(listing) == kernel_ls
+    assert view_acl.replace(os.fspath(tmp_path / "v"), "") == kernel_acl.replace(
+        os.fspath(tmp_path / "k"), ""
+    )
+    assert "lost+found" in root_ls
+    assert sha256(image) == before
+
+
+def test_statfs_matches_kernel(image: Path, tmp_path: Path) -> None:
+    with harness.mounted(image, tmp_path / "k", read_only=True) as (_dev, kmnt):
+        k = os.statvfs(kmnt)
+    dumpe2fs = harness.run("dumpe2fs", "-h", image)
+    block_count = int(
+        next(ln for ln in dumpe2fs.splitlines() if ln.startswith("Block count:")).split(":")[1]
+    )
+    with view_mount(image, tmp_path / "v") as v:
+        s = os.statvfs(v.mountpoint)
+    assert (s.f_bsize, s.f_bfree, s.f_bavail) == (k.f_bsize, k.f_bfree, k.f_bavail)
+    assert (s.f_files, s.f_ffree, s.f_namemax) == (k.f_files, k.f_ffree, k.f_namemax)
+    assert s.f_blocks == block_count
+
+
+def test_writes_fail_with_erofs(image: Path, tmp_path: Path) -> None:
+    before = sha256(image)
+    with view_mount(image, tmp_path / "v") as v:
+        m = v.mountpoint
+        for argv in (
+            ["touch", m / "new"],
+            ["touch", m / "d" / "f"],
+            ["mkdir", m / "newdir"],
+            ["rm", "-f", m / "d" / "f"],
+            ["rmdir", m / "many"],
+            ["mv", m / "d" / "f", m / "d" / "g"],
+            ["ln", m / "d" / "f", m / "d" / "link2"],
+            ["setfattr", "-n", "user.x", "-v", "1", m / "d" / "f"],
+            ["setfattr", "-x", "user.note", m / "d" / "f"],
+            ["truncate", "-s", "0", m / "d" / "f"],
+            ["chmod", "777", m / "d" / "f"],
+            ["sh", "-c", f"echo x >> {m / 'd' / 'f'}"],
+        ):
+            proc = subprocess.run(argv, capture_output=True, text=True)
+            assert proc.returncode != 0, argv
+            assert "Read-only file system" in proc.stderr, (argv, proc.stderr)
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+            with pytest.raises(OSError) as e:
+                os.open(m / "d" / "f", flags)
+            assert e.value.errno == errno.EROFS
+        assert (m / "d" / "f").read_bytes() == b"hello\n"
+    assert sha256(image) == before
+
+
+def test_permissions_enforced_for_other_users(image: Path, tmp_path: Path) -> None:
+    """default_permissions: the daemon runs as root, the kernel checks modes and ACLs."""
+    # pytest's temporary directories are private to root: mount where others can reach.
+    top = Path(tempfile.mkdtemp(prefix="ctfs-perm-", dir="/tmp"))
+    top.chmod(0o755)
+    try:
+        _check_permissions(image, top / "v")
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _check_permissions(image: Path, mountpoint: Path) -> None:
+    with view_mount(image, mountpoint, options=["allow_other"]) as v:
+        secret = v.mountpoint / "d" / "secret"
+        acl = v.mountpoint / "d" / "acl"
+        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        denied = subprocess.run([*as_nobody, "cat", secret], capture_output=True, text=True)
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        granted = subprocess.run([*as_nobody, "cat", acl], capture_output=True)
+        assert granted.returncode == 0 and granted.stdout == b"acl\n"
+        listed = subprocess.run([*as_nobody, "ls", v.mountpoint / "d"], capture_output=True)
+        assert listed.returncode == 0 and b"secret" in listed.stdout
+        mine = subprocess.run(
+            ["setpriv", "--reuid=1234", "--regid=1234", "--clear-groups", "cat", secret],
+            capture_output=True,
+        )
+        assert mine.stdout == b"owner only\n"
+
+
+def test_damaged_inode_answers_eio_and_the_daemon_survives(image: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.img"
+    harness.run("cp", "--sparse=always", image, damaged)
+    # Zero the extent header magic of d/f: its data can no longer be mapped.
+    harness.run("debugfs", "-w", "-R", "sif /d/f block[0] 0", damaged)
+    with view_mount(damaged, tmp_path / "v") as v:
+        with pytest.raises(OSError) as e:
+            (v.mountpoint / "d" / "f").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert (v.mountpoint / "d" / "secret").read_bytes() == b"owner only\n"
+        assert len(os.listdir(v.mountpoint / "many")) == 1500

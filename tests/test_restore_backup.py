@@ -1,0 +1,71 @@
+"""Reading backups: GNU tar archives with binary xattr values, tree and tar alike."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from ciphertextfs.restore.backup import Kind, TarBackup, TreeBackup, TreeProblem
+from ciphertextfs.restore.plan import RestoreProblem, parse_side_file, parse_symlink_target
+
+VALUES = {
+    "user.fscrypt.context": bytes(range(256))[:40],
+    "user.bin": b"\x00\n=\xff\xfe%3D",
+    "user.x=y%z": b"\xc3\x28",  # invalid UTF-8
+}
+
+
+def _entries(backup) -> dict[tuple[bytes, ...], object]:
+    out = {}
+    for e in backup.entries():
+        assert not isinstance(e, TreeProblem), e.reason
+        out[e.path] = e
+    return out
+
+
+def test_tree_and_gnu_tar_agree_on_binary_xattrs(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    f = src / "d" / "f"
+    f.write_bytes(b"content")
+    for name, value in VALUES.items():
+        os.setxattr(f, name, value)
+    os.link(f, src / "hl")
+    os.symlink("fscrypt:1:abc", src / "s")
+    tar = tmp_path / "b.tar.xz"
+    subprocess.run(
+        ["tar", "--xattrs", "--xattrs-include=*", "-cJf", tar, "-C", src, "."], check=True
+    )
+    tb = TarBackup(tar)
+    from_tar = _entries(tb)
+    from_tree = _entries(TreeBackup(src))
+    assert set(from_tar) == set(from_tree) == {(), (b"d",), (b"d", b"f"), (b"hl",), (b"s",)}
+    for path, e in from_tree.items():
+        t = from_tar[path]
+        assert (t.kind, t.mode, t.mtime_ns, t.target) == (e.kind, e.mode, e.mtime_ns, e.target)
+        assert t.xattrs == e.xattrs
+    assert {k.decode(): v for k, v in from_tar[(b"d", b"f")].xattrs.items()} == VALUES
+    # Both names of the hard link share a link key, and read the same data.
+    for entries in (from_tar, from_tree):
+        a, b = entries[(b"d", b"f")], entries[(b"hl",)]
+        assert a.link_key is not None and a.link_key == b.link_key
+        with a.open() as fa, b.open() as fb:
+            assert fa.read() == fb.read() == b"content"
+    assert from_tar[(b"s",)].kind is Kind.SYMLINK
+    tb.close()
+
+
+def test_side_file_and_symlink_format_errors() -> None:
+    assert parse_side_file(b"abc QUJD\nbroken\nx !!\n") == {b"abc": b"ABC"}
+    for bad, why in (
+        (b"fscrypt:1:AA", "2 or 4"),
+        (b"fscrypt:1:!!:AA", "invalid base64url"),
+        (b"fscrypt:1:AgEE:AAAA", "context of 3 bytes"),
+    ):
+        try:
+            parse_symlink_target(bad)
+        except RestoreProblem as e:
+            assert why in str(e), (bad, str(e))
+        else:
+            raise AssertionError(bad)
