@@ -1,0 +1,173 @@
+"""The only code that touches the source: a read-only block device or image.
+
+Metadata goes through buffered reads (small, repeated, worth the page
+cache).  File data goes through O_DIRECT so that a backup streaming a whole
+filesystem does not evict everything else from the page cache; where the
+source cannot do O_DIRECT (tmpfs, some FUSE files) the reads fall back to
+buffered ones, logged once.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import stat
+import struct
+import threading
+
+from .errors import CorruptError
+
+log = logging.getLogger("ciphertextfs")
+
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+DEFAULT_ALIGN = 4096
+# One O_DIRECT request at most this large; larger reads loop.
+DIRECT_CHUNK = 8 << 20
+
+
+class BlockSource:
+    """A read-only view of a block device or image file."""
+
+    def __init__(self, path: str | os.PathLike[str], *, direct_io: bool = True) -> None:
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._direct_fd: int | None = None
+        self._local = threading.local()
+        self._fallback_logged = False
+        try:
+            st = os.fstat(self._fd)
+            self.is_blockdev = stat.S_ISBLK(st.st_mode)
+            if self.is_blockdev:
+                buf = fcntl.ioctl(self._fd, BLKGETSIZE64, b"\0" * 8)
+                (self.size,) = struct.unpack("<Q", buf)
+                buf = fcntl.ioctl(self._fd, BLKSSZGET, b"\0" * 4)
+                (self.align,) = struct.unpack("<i", buf)
+                if self.align <= 0 or self.align & (self.align - 1):
+                    self.align = DEFAULT_ALIGN
+            else:
+                self.size = os.lseek(self._fd, 0, os.SEEK_END)
+                self.align = DEFAULT_ALIGN
+            if direct_io:
+                self._open_direct()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_direct(self) -> None:
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            self._fall_back("O_DIRECT is not available on this platform")
+            return
+        try:
+            self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | flag)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._fall_back(f"the source refuses O_DIRECT ({e.strerror})")
+
+    def _fall_back(self, why: str) -> None:
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+        if not self._fallback_logged:
+            self._fallback_logged = True
+            log.info("%s: %s; file data will be read through the page cache", self.path, why)
+
+    @property
+    def direct(self) -> bool:
+        """Whether data reads currently bypass the page cache."""
+        return self._direct_fd is not None
+
+    def close(self) -> None:
+        for fd in (self._direct_fd, self._fd):
+            if fd is not None:
+                os.close(fd)
+        self._direct_fd = None
+        self._fd = -1
+
+    def _check_range(self, offset: int, length: int, what: str) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise CorruptError(
+                f"{what}: bytes {offset}..{offset + length} lie beyond the end of the source"
+            )
+
+    def read_meta(self, offset: int, length: int, what: str = "metadata") -> bytes:
+        """Buffered read of exactly `length` bytes."""
+        self._check_range(offset, length, what)
+        return self._pread_full(self._fd, offset, length, what)
+
+    @staticmethod
+    def _pread_full(fd: int, offset: int, length: int, what: str) -> bytes:
+        data = os.pread(fd, length, offset)
+        if len(data) == length:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < length:
+            more = os.pread(fd, length - got, offset + got)
+            if not more:
+                raise CorruptError(f"{what}: short read at byte {offset + got}")
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def read_data(self, offset: int, length: int, what: str = "data") -> bytes:
+        """Read exactly `length` bytes of file data, with O_DIRECT where possible."""
+        self._check_range(offset, length, what)
+        if length == 0:
+            return b""
+        if self._direct_fd is None:
+            return self._pread_full(self._fd, offset, length, what)
+        out = bytearray(length)
+        done = 0
+        while done < length:
+            n = min(length - done, DIRECT_CHUNK)
+            chunk = self._read_direct(offset + done, n, what)
+            if chunk is None:
+                out[done:] = self._pread_full(self._fd, offset + done, length - done, what)
+                break
+            out[done : done + n] = chunk
+            done += n
+        return bytes(out)
+
+    def _buffer(self, size: int) -> mmap.mmap:
+        """A page-aligned scratch buffer per thread (anonymous mmap is page aligned)."""
+        buf: mmap.mmap | None = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < size:
+            # The old buffer is left to the garbage collector: a caller may
+            # still hold a view of it.
+            buf = mmap.mmap(-1, max(size, 1 << 20))
+            self._local.buf = buf
+        return buf
+
+    def _read_direct(self, offset: int, length: int, what: str) -> memoryview | None:
+        """One aligned O_DIRECT read; None after falling back to buffered reads."""
+        align = self.align
+        start = offset - offset % align
+        end = -(-(offset + length) // align) * align
+        buf = self._buffer(end - start)
+        view = memoryview(buf)[: end - start]
+        got = 0
+        try:
+            while got < end - start:
+                fd = self._direct_fd
+                if fd is None:
+                    return None
+                n = os.preadv(fd, [view[got:]], start + got)
+                if n <= 0:
+                    break
+                got += n
+                if got % align:
+                    break
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._fall_back(f"O_DIRECT read failed ({e.strerror})")
+            return None
+        if got < offset - start + length:
+            raise CorruptError(f"{what}: short read at byte {start + got}")
+        return view[offset - start : offset - start + length]

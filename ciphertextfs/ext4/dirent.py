@@ -1,0 +1,188 @@
+"""Directory entries: linear blocks, htree blocks, inline directories.
+
+A whole directory is read by parsing every leaf block in logical order and
+skipping the htree's interior (dx) blocks: the kernel's readdir returns the
+same set of entries whatever the index says, and a damaged index cannot hide
+a leaf this way.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .crc import crc32c
+from .errors import CorruptError
+
+EXT4_DIR_ROUND = 3
+EXT4_NAME_LEN = 255
+DIRENT_HEADER = 8
+DIR_TAIL_SIZE = 12
+EXT4_DIR_FT_DIR_CSUM = 0xDE
+DX_ROOT_COUNT_OFFSET = 0x20  # fake "." + fake ".." + dx_root_info
+DX_NODE_COUNT_OFFSET = 0x8  # one fake empty dirent
+DX_TAIL_SIZE = 8
+
+# file_type values in ext4_dir_entry_2
+EXT4_FT_UNKNOWN = 0
+EXT4_FT_REG_FILE = 1
+EXT4_FT_DIR = 2
+EXT4_FT_CHRDEV = 3
+EXT4_FT_BLKDEV = 4
+EXT4_FT_FIFO = 5
+EXT4_FT_SOCK = 6
+EXT4_FT_SYMLINK = 7
+
+_DIRENT = struct.Struct("<IHBB")
+_TAIL = struct.Struct("<IHBBI")
+_COUNTLIMIT = struct.Struct("<HH")
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    """One directory entry; `name` is the raw on-disk bytes.
+
+    hash/minor_hash are set only for encrypted+casefolded directories, which
+    store the name's hash after the name because it cannot be recomputed
+    without the key.
+    """
+
+    inode: int
+    name: bytes
+    file_type: int
+    hash: int | None = None
+    minor_hash: int | None = None
+
+
+def rec_len_from_disk(value: int, block_size: int) -> int:
+    """Decode rec_len; with 64 KiB blocks the value 65535 or 0 means 65536."""
+    if block_size < 65536:
+        return value
+    if value in (65535, 0):
+        return 1 << 16
+    return (value & 65532) | ((value & 3) << 16)
+
+
+def dir_rec_len(name_len: int, hashed: bool) -> int:
+    """Minimal rec_len of an entry with this name length."""
+    length = (name_len + DIRENT_HEADER + EXT4_DIR_ROUND) & ~EXT4_DIR_ROUND
+    return length + 8 if hashed else length
+
+
+def parse_entries(
+    buf: bytes,
+    *,
+    block_size: int,
+    inodes_count: int,
+    filetype: bool,
+    hashed: bool,
+    what: str,
+    warn: Callable[[str], None],
+) -> list[DirEntry]:
+    """Parse one region of directory entries (a block, or an inline area).
+
+    As the kernel's readdir does, a damaged entry ends the region with a
+    warning: entries before it are kept, the rest of the region is skipped.
+    "." and ".." and unused entries (inode 0) are left out.
+    """
+    out: list[DirEntry] = []
+    end = len(buf)
+    off = 0
+    while off + DIRENT_HEADER <= end:
+        ino, raw_rec_len, name_len, ftype = _DIRENT.unpack_from(buf, off)
+        rec_len = rec_len_from_disk(raw_rec_len, block_size)
+        name = buf[off + DIRENT_HEADER : off + DIRENT_HEADER + name_len]
+        dots = name in (b".", b"..")
+        problem = None
+        if rec_len < dir_rec_len(1, False):
+            problem = f"rec_len {rec_len} too small"
+        elif rec_len & 3:
+            problem = f"rec_len {rec_len} not a multiple of 4"
+        elif rec_len < dir_rec_len(name_len, hashed and ino != 0 and not dots):
+            problem = f"rec_len {rec_len} too small for name_len {name_len}"
+        elif off + rec_len > end:
+            problem = f"rec_len {rec_len} runs past the block"
+        elif ino > inodes_count:
+            problem = f"inode {ino} out of range"
+        if problem:
+            warn(f"{what}: bad directory entry at offset {off}: {problem}")
+            break
+        if ino and name_len and not dots:
+            h = mh = None
+            if hashed:
+                hoff = off + ((DIRENT_HEADER + name_len + EXT4_DIR_ROUND) & ~EXT4_DIR_ROUND)
+                h, mh = struct.unpack_from("<II", buf, hoff)
+            out.append(DirEntry(ino, bytes(name), ftype if filetype else 0, h, mh))
+        off += rec_len
+    return out
+
+
+def leaf_tail_offset(block: bytes) -> int | None:
+    """Offset of the checksum tail (det_reserved_ft 0xDE) of a leaf block, if any."""
+    off = len(block) - DIR_TAIL_SIZE
+    if off < 0:
+        return None
+    zero1, rec_len, zero2, ft, _csum = _TAIL.unpack_from(block, off)
+    if zero1 == 0 and rec_len == DIR_TAIL_SIZE and zero2 == 0 and ft == EXT4_DIR_FT_DIR_CSUM:
+        return off
+    return None
+
+
+def leaf_checksum_ok(block: bytes, seed: int) -> bool | None:
+    """Verify a leaf block's tail; None when the block has no tail at all."""
+    off = leaf_tail_offset(block)
+    if off is None:
+        return None
+    (stored,) = struct.unpack_from("<I", block, off + 8)
+    return crc32c(seed, block[:off]) == stored
+
+
+def is_dx_node_block(block: bytes, block_size: int) -> bool:
+    """Whether a block of an indexed directory is an interior dx node.
+
+    A dx node starts with one empty fake entry spanning the whole block; an
+    empty leaf may look the same, but it holds no entries either, so
+    treating it as a node loses nothing.
+    """
+    if len(block) < DX_NODE_COUNT_OFFSET + 4:
+        return False
+    ino, raw_rec_len, name_len, _ = _DIRENT.unpack_from(block, 0)
+    return ino == 0 and name_len == 0 and rec_len_from_disk(raw_rec_len, block_size) == len(block)
+
+
+def dx_checksum_ok(block: bytes, count_offset: int, seed: int) -> bool | None:
+    """Verify an htree root or node checksum; None when it has no room for a tail."""
+    if count_offset + 4 > len(block):
+        return None
+    limit, count = _COUNTLIMIT.unpack_from(block, count_offset)
+    tail = count_offset + 8 * limit
+    if count > limit or tail + DX_TAIL_SIZE > len(block):
+        return None
+    size = count_offset + 8 * count
+    crc = crc32c(seed, block[:size])
+    crc = crc32c(crc, block[tail : tail + 4])
+    crc = crc32c(crc, b"\0\0\0\0")
+    (stored,) = struct.unpack_from("<I", block, tail + 4)
+    return crc == stored
+
+
+def dx_root_count_offset(block: bytes) -> int:
+    """Where dx_countlimit starts in a dx root: after dx_root_info (info_length)."""
+    info_length = block[0x1D] if len(block) > 0x1D else 8
+    return 0x18 + info_length
+
+
+DX_ROOT_INFO_OFFSET = 0x18  # after the fake "." and ".." entries
+
+
+def dx_root_hash_version(block: bytes) -> int:
+    """The hash version recorded in a dx_root's dx_root_info.
+
+    The kernel hashes lookups and readdir of an indexed directory with this
+    version, not the superblock default, so a view that reproduces its
+    readdir hashes must use it too.
+    """
+    if len(block) <= DX_ROOT_INFO_OFFSET + 4:
+        raise CorruptError("dx_root too short")
+    return block[DX_ROOT_INFO_OFFSET + 4]

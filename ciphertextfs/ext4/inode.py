@@ -1,0 +1,250 @@
+"""ext4 inodes: the on-disk `struct ext4_inode` and its flags."""
+
+from __future__ import annotations
+
+import stat
+import struct
+from dataclasses import dataclass
+
+from .crc import crc32c
+from .errors import CorruptError
+from .superblock import (
+    EXT4_GOOD_OLD_INODE_SIZE,
+    INCOMPAT_64BIT,
+    INCOMPAT_LARGEDIR,
+    RO_COMPAT_HUGE_FILE,
+    Superblock,
+)
+
+# i_flags
+EXT4_SECRM_FL = 0x1
+EXT4_UNRM_FL = 0x2
+EXT4_COMPR_FL = 0x4
+EXT4_SYNC_FL = 0x8
+EXT4_IMMUTABLE_FL = 0x10
+EXT4_APPEND_FL = 0x20
+EXT4_NODUMP_FL = 0x40
+EXT4_NOATIME_FL = 0x80
+EXT4_ENCRYPT_FL = 0x800
+EXT4_INDEX_FL = 0x1000
+EXT4_IMAGIC_FL = 0x2000
+EXT4_JOURNAL_DATA_FL = 0x4000
+EXT4_NOTAIL_FL = 0x8000
+EXT4_DIRSYNC_FL = 0x10000
+EXT4_TOPDIR_FL = 0x20000
+EXT4_HUGE_FILE_FL = 0x40000
+EXT4_EXTENTS_FL = 0x80000
+EXT4_VERITY_FL = 0x100000
+EXT4_EA_INODE_FL = 0x200000
+EXT4_DAX_FL = 0x2000000
+EXT4_INLINE_DATA_FL = 0x10000000
+EXT4_PROJINHERIT_FL = 0x20000000
+EXT4_CASEFOLD_FL = 0x40000000
+
+EXT4_N_BLOCKS = 15
+I_BLOCK_SIZE = EXT4_N_BLOCKS * 4  # 60 bytes
+EXT4_EPOCH_MASK = 0x3
+EXT4_NSEC_SHIFT = 2
+
+# Reserved inode numbers.
+EXT4_ROOT_INO = 2
+
+# Offsets of the fields after the 128-byte base inode.
+_OFF_EXTRA_ISIZE = 0x80
+_OFF_CHECKSUM_HI = 0x82
+_OFF_CTIME_EXTRA = 0x84
+_OFF_MTIME_EXTRA = 0x88
+_OFF_ATIME_EXTRA = 0x8C
+_OFF_CRTIME = 0x90
+_OFF_CRTIME_EXTRA = 0x94
+_OFF_PROJID = 0x9C
+_OFF_CHECKSUM_LO = 0x7C
+
+_BASE = struct.Struct("<HHIIIIIHHII4x60sIIII")
+_OSD2 = struct.Struct("<HHHHHH")
+
+
+@dataclass(frozen=True, slots=True)
+class Inode:
+    """One parsed inode.  `raw` keeps the on-disk bytes for the in-inode xattrs."""
+
+    ino: int
+    i_mode: int
+    i_uid: int
+    i_gid: int
+    i_size: int
+    i_links_count: int
+    i_flags: int
+    i_atime_ns: int
+    i_mtime_ns: int
+    i_ctime_ns: int
+    i_crtime_ns: int | None
+    i_dtime: int
+    i_generation: int
+    i_file_acl: int
+    i_block: bytes
+    i_extra_isize: int
+    i_blocks: int  # in 512-byte units
+    i_projid: int
+    rdev: tuple[int, int] | None
+    raw: bytes
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.i_mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.i_mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.i_mode)
+
+    @property
+    def is_encrypted(self) -> bool:
+        return bool(self.i_flags & EXT4_ENCRYPT_FL)
+
+    @property
+    def has_inline_data(self) -> bool:
+        return bool(self.i_flags & EXT4_INLINE_DATA_FL)
+
+    @property
+    def is_casefold(self) -> bool:
+        return bool(self.i_flags & EXT4_CASEFOLD_FL)
+
+    @property
+    def has_extents(self) -> bool:
+        return bool(self.i_flags & EXT4_EXTENTS_FL)
+
+
+def _fits(extra_isize: int, offset: int, size: int) -> bool:
+    """Whether a field past the base inode lies within i_extra_isize."""
+    return offset + size <= EXT4_GOOD_OLD_INODE_SIZE + extra_isize
+
+
+def _time_ns(seconds: int, extra: int | None) -> int:
+    """Decode a 32-bit signed time plus its optional epoch/nanosecond word."""
+    sec = seconds - (1 << 32) if seconds & 0x80000000 else seconds
+    if extra is None:
+        return sec * 1_000_000_000
+    sec += (extra & EXT4_EPOCH_MASK) << 32
+    return sec * 1_000_000_000 + (extra >> EXT4_NSEC_SHIFT)
+
+
+def _decode_rdev(i_block: bytes) -> tuple[int, int]:
+    """Device numbers: the old 16-bit encoding in i_block[0], else the new one in i_block[1]."""
+    old, new = struct.unpack_from("<II", i_block, 0)
+    if old:
+        return (old >> 8) & 0xFF, old & 0xFF
+    return (new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00)
+
+
+def parse_inode(sb: Superblock, ino: int, raw: bytes) -> Inode:
+    """Parse one inode of s_inode_size bytes."""
+    isz = sb.inode_size
+    if len(raw) < isz:
+        raise CorruptError(f"inode {ino}: short read")
+    raw = bytes(raw[:isz])
+    (
+        mode,
+        uid_lo,
+        size_lo,
+        atime,
+        ctime,
+        mtime,
+        dtime,
+        gid_lo,
+        links,
+        blocks_lo,
+        flags,
+        i_block,
+        generation,
+        acl_lo,
+        size_hi,
+        _faddr,
+    ) = _BASE.unpack_from(raw, 0)
+    blocks_hi, acl_hi, uid_hi, gid_hi, _csum_lo, _res = _OSD2.unpack_from(raw, 0x74)
+
+    extra_isize = 0
+    if isz > EXT4_GOOD_OLD_INODE_SIZE:
+        (extra_isize,) = struct.unpack_from("<H", raw, _OFF_EXTRA_ISIZE)
+        if EXT4_GOOD_OLD_INODE_SIZE + extra_isize > isz or extra_isize & 3:
+            raise CorruptError(f"inode {ino}: bad i_extra_isize {extra_isize}")
+
+    def extra(off: int) -> int | None:
+        if not _fits(extra_isize, off, 4):
+            return None
+        return struct.unpack_from("<I", raw, off)[0]
+
+    crtime_ns = None
+    crtime = extra(_OFF_CRTIME)
+    if crtime is not None:
+        crtime_ns = _time_ns(crtime, extra(_OFF_CRTIME_EXTRA))
+
+    size = size_lo
+    if stat.S_ISREG(mode) or sb.has_incompat(INCOMPAT_LARGEDIR):
+        size |= size_hi << 32
+    if size >= 1 << 63:
+        raise CorruptError(f"inode {ino}: negative i_size")
+
+    i_blocks = blocks_lo
+    if sb.has_ro_compat(RO_COMPAT_HUGE_FILE):
+        i_blocks |= blocks_hi << 32
+        if flags & EXT4_HUGE_FILE_FL:
+            i_blocks *= sb.block_size // 512
+
+    file_acl = acl_lo
+    if sb.has_incompat(INCOMPAT_64BIT):
+        file_acl |= acl_hi << 32
+
+    rdev = None
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        rdev = _decode_rdev(i_block)
+
+    projid = extra(_OFF_PROJID) or 0
+
+    return Inode(
+        ino=ino,
+        i_mode=mode,
+        i_uid=uid_lo | (uid_hi << 16),
+        i_gid=gid_lo | (gid_hi << 16),
+        i_size=size,
+        i_links_count=links,
+        i_flags=flags,
+        i_atime_ns=_time_ns(atime, extra(_OFF_ATIME_EXTRA)),
+        i_mtime_ns=_time_ns(mtime, extra(_OFF_MTIME_EXTRA)),
+        i_ctime_ns=_time_ns(ctime, extra(_OFF_CTIME_EXTRA)),
+        i_crtime_ns=crtime_ns,
+        i_dtime=dtime,
+        i_generation=generation,
+        i_file_acl=file_acl,
+        i_block=i_block,
+        i_extra_isize=extra_isize,
+        i_blocks=i_blocks,
+        i_projid=projid,
+        rdev=rdev,
+        raw=raw,
+    )
+
+
+def inode_csum_seed(fs_seed: int, ino: int, generation: int) -> int:
+    """Per-inode seed of the inode, extent, directory and dx checksums."""
+    crc = crc32c(fs_seed, struct.pack("<I", ino))
+    return crc32c(crc, struct.pack("<I", generation))
+
+
+def inode_checksum_ok(inode: Inode, fs_seed: int) -> bool:
+    """Verify the metadata_csum checksum (lo 16 bits, plus hi when it fits)."""
+    raw = inode.raw
+    has_hi = len(raw) > EXT4_GOOD_OLD_INODE_SIZE and _fits(inode.i_extra_isize, _OFF_CHECKSUM_HI, 2)
+    buf = bytearray(raw)
+    stored = struct.unpack_from("<H", raw, _OFF_CHECKSUM_LO)[0]
+    buf[_OFF_CHECKSUM_LO : _OFF_CHECKSUM_LO + 2] = b"\0\0"
+    if has_hi:
+        stored |= struct.unpack_from("<H", raw, _OFF_CHECKSUM_HI)[0] << 16
+        buf[_OFF_CHECKSUM_HI : _OFF_CHECKSUM_HI + 2] = b"\0\0"
+    crc = crc32c(inode_csum_seed(fs_seed, inode.ino, inode.i_generation), bytes(buf))
+    if not has_hi:
+        crc &= 0xFFFF
+    return crc == stored
