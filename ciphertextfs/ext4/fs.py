@@ -121,6 +121,7 @@ class Filesystem:
     def _set_geometry(self, sb: Superblock) -> None:
         self.sb = sb
         self.uuid = sb.s_uuid
+        self._blocks_count = sb.blocks_count
         self._limits = BlockRange(sb.s_first_data_block, sb.blocks_count)
         self._csum_seed = sb.csum_seed if sb.metadata_csum else None
 
@@ -189,7 +190,7 @@ class Filesystem:
         self._overlay = {
             blk: bytes(data)
             for blk, data in overlay.items()
-            if 0 <= blk < self.sb.blocks_count and len(data) == self.block_size
+            if 0 <= blk < self._blocks_count and len(data) == self.block_size
         }
         self._overlay_keys = sorted(self._overlay)
         self._blocks.clear()
@@ -253,14 +254,14 @@ class Filesystem:
 
     def _read_block_raw(self, pblk: int) -> bytes:
         """A block as on disk, ignoring the journal overlay (for the replay)."""
-        if not 0 <= pblk < self.sb.blocks_count:
+        if not 0 <= pblk < self._blocks_count:
             raise CorruptError(f"block {pblk} outside the filesystem")
         bs = self.block_size
         return self.source.read_meta(pblk * bs, bs, f"block {pblk}")
 
     def _read_block(self, pblk: int, cache: bool = True) -> bytes:
         """A metadata block, journal overlay first."""
-        if not 0 <= pblk < self.sb.blocks_count:
+        if not 0 <= pblk < self._blocks_count:
             raise CorruptError(f"block {pblk} outside the filesystem")
         data = self._overlay.get(pblk)
         if data is not None:

@@ -1,0 +1,162 @@
+"""Hostile input: walk every e2fsprogs test image with the ext4 reader.
+
+Each image is walked in its own subprocess with a memory limit and a
+timeout, so a crash, a hang or runaway memory in the reader is caught and
+named per image.  The only acceptable errors are CorruptError (one damaged
+object) and NotExt4Error (not an ext2/3/4 image at all).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "e2fsprogs"
+if not CORPUS.is_dir():
+    CORPUS = Path("/work/shared/corpus/e2fsprogs")
+IMAGES = sorted(p.name for p in CORPUS.glob("*.img.gz")) if CORPUS.is_dir() else []
+
+MEMORY_LIMIT = 1 << 30  # address space per worker
+WALK_DEADLINE = 20.0  # seconds of walking per image before it counts as a hang
+PROCESS_TIMEOUT = 40.0
+FILE_CAP = 64 << 20
+TOTAL_CAP = 512 << 20
+READ_CHUNK = 8 << 20
+WORKERS = 3
+
+
+class Hang(Exception):
+    """The walk of one image took longer than WALK_DEADLINE."""
+
+
+def walk(image: str) -> dict[str, object]:
+    """Walk everything reachable from the root; return counters.
+
+    Any exception other than the ext4 layer's own propagates.
+    """
+    from ciphertextfs.ext4.errors import CorruptError, NotExt4Error
+    from ciphertextfs.ext4.fs import Filesystem
+
+    deadline = time.monotonic() + WALK_DEADLINE
+    stats = {"dirs": 0, "files": 0, "symlinks": 0, "corrupt": 0, "bytes": 0, "warnings": 0}
+    try:
+        fs = Filesystem.open(image)
+    except NotExt4Error as e:
+        return {"outcome": "not-ext4", "reason": str(e)}
+    with fs:
+        seen: set[int] = set()
+        queue: deque[int] = deque([2])
+        total = 0
+
+        def check_time() -> None:
+            if time.monotonic() > deadline:
+                raise Hang(f"walk still running after {WALK_DEADLINE}s: {stats}")
+
+        while queue:
+            check_time()
+            ino_nr = queue.popleft()
+            if ino_nr in seen:
+                continue
+            seen.add(ino_nr)
+            try:
+                inode = fs.inode(ino_nr)
+                fs.xattrs(inode)
+                fs.mappings(inode)
+                if inode.is_dir:
+                    stats["dirs"] += 1
+                    fs.is_dx_dir(inode)
+                    for entry in fs.read_dir(inode):
+                        assert isinstance(entry.name, bytes) and entry.name
+                        queue.append(entry.inode)
+                elif inode.is_symlink:
+                    stats["symlinks"] += 1
+                    body = fs.symlink_body(inode)
+                    assert len(body) == inode.i_size
+                elif inode.is_reg:
+                    stats["files"] += 1
+                    want = min(inode.i_size, FILE_CAP, max(TOTAL_CAP - total, 0))
+                    off = 0
+                    while off < want:
+                        check_time()
+                        n = min(READ_CHUNK, want - off)
+                        data = fs.read(inode, off, n)
+                        assert len(data) == n
+                        off += n
+                    total += want
+            except CorruptError:
+                stats["corrupt"] += 1
+        stats["bytes"] = total
+        stats["warnings"] = len(fs.warnings)
+    return {"outcome": "walked", **stats}
+
+
+def _worker(gz: str) -> None:
+    """Subprocess entry: limit memory, gunzip, walk, print one JSON line."""
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    with tempfile.TemporaryDirectory() as tmp:
+        image = os.path.join(tmp, "image")
+        with gzip.open(gz, "rb") as src, open(image, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        result = walk(image)
+    print(json.dumps(result))
+
+
+def _run_one(name: str) -> dict[str, object]:
+    cmd = [sys.executable, "-m", "tests.test_corpus", str(CORPUS / name)]
+    root = Path(__file__).resolve().parents[1]
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(
+            cmd, cwd=root, capture_output=True, text=True, timeout=PROCESS_TIMEOUT
+        )
+    except subprocess.TimeoutExpired:
+        return {"outcome": "timeout"}
+    elapsed = time.monotonic() - started
+    if proc.returncode != 0:
+        return {"outcome": "crash", "rc": proc.returncode, "stderr": proc.stderr[-4000:]}
+    try:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"outcome": "crash", "stdout": proc.stdout[-2000:], "stderr": proc.stderr[-2000:]}
+    result["elapsed"] = round(elapsed, 2)
+    return result
+
+
+@pytest.fixture(scope="module")
+def corpus_results() -> dict[str, dict[str, object]]:
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return dict(zip(IMAGES, pool.map(_run_one, IMAGES), strict=True))
+
+
+def test_corpus_present() -> None:
+    assert len(IMAGES) > 200, f"e2fsprogs corpus missing or incomplete at {CORPUS}"
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_image(name: str, corpus_results: dict[str, dict[str, object]]) -> None:
+    result = corpus_results[name]
+    assert result["outcome"] in ("walked", "not-ext4"), json.dumps(result, indent=1)
+
+
+def test_most_images_are_walked(corpus_results: dict[str, dict[str, object]]) -> None:
+    """The reader must not give up on whole images that are plainly ext2/3/4."""
+    walked = [n for n, r in corpus_results.items() if r["outcome"] == "walked"]
+    files = sum(int(r.get("files", 0)) for r in corpus_results.values())
+    assert len(walked) >= 0.9 * len(IMAGES), sorted(set(IMAGES) - set(walked))
+    assert files > 500
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
