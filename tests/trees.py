@@ -9,6 +9,7 @@ what the kernel itself shows.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 from collections.abc import Iterator
@@ -219,3 +220,46 @@ def write_tree(root: Path, block_size: int, *, small: bool = False) -> Expected:
         for i in range(1100):
             add_file(f"big/entry-{i:05d}-" + "n" * (i % 90), b"")
     return exp
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def listing(root: Path) -> dict[str, tuple]:
+    """Everything a backup tool sees below `root` (a view, say), per relative path."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                body = file_sha256(p)
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(p)
+            else:
+                body = None
+            xattrs = tuple(
+                sorted(
+                    (n, os.getxattr(p, n, follow_symlinks=False))
+                    for n in os.listxattr(p, follow_symlinks=False)
+                )
+            )
+            out[os.fspath(p.relative_to(root))] = (
+                st.st_ino,
+                st.st_mode,
+                st.st_nlink,
+                st.st_uid,
+                st.st_gid,
+                st.st_rdev,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                body,
+                xattrs,
+            )
+    return out

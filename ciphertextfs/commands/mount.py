@@ -164,7 +164,10 @@ def open_source(path: str) -> tuple[Any, Any]:
     except SourceError as e:
         raise CommandError(str(e)) from None
     try:
-        fs = Filesystem.open(source.path)
+        # A mounted filesystem's newest metadata is in the device's page
+        # cache, which buffered reads see; replaying its journal on top
+        # would bring back older committed copies.
+        fs = Filesystem.open(source.path, replay_journal=not source.live)
     except NotExt4Error as e:
         raise CommandError(f"{path}: not an ext4 filesystem ({e})") from None
     except CorruptError as e:
