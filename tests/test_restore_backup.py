@@ -7,7 +7,8 @@ import subprocess
 from pathlib import Path
 
 from ciphertextfs.restore.backup import Kind, TarBackup, TreeBackup, TreeProblem
-from ciphertextfs.restore.plan import RestoreProblem, parse_side_file, parse_symlink_target
+from ciphertextfs.restore.plan import RestoreProblem, parse_symlink_target
+from ciphertextfs.view.format import parse_side_file
 
 VALUES = {
     "user.fscrypt.context": bytes(range(256))[:40],

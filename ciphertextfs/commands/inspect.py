@@ -69,21 +69,15 @@ def inspect_path(path: str) -> dict[str, Any]:
     """Everything decodable about one entry, as a JSON-ready dict."""
     from ciphertextfs.fscrypt.errors import FscryptError
     from ciphertextfs.fscrypt.nokey import base64url_encode, parse_nokey_name
-    from ciphertextfs.restore.backup import SIDE_FILE_NAME
-    from ciphertextfs.restore.plan import (
-        XATTR_CONTEXT,
-        RestoreProblem,
-        fscrypt_attrs,
-        parse_side_file,
-        parse_symlink_target,
-    )
+    from ciphertextfs.restore.plan import RestoreProblem, fscrypt_attrs, parse_symlink_target
+    from ciphertextfs.view.format import SIDE_FILE_NAME, XATTR_FSCRYPT_CONTEXT, parse_side_file
 
     st = os.lstat(path)
     info: dict[str, Any] = {"path": path, "type": _kind(st.st_mode)}
     problems: list[str] = []
     parent = os.path.dirname(os.path.abspath(path))
     name = os.fsencode(os.path.basename(os.path.abspath(path)))
-    if XATTR_CONTEXT in _xattrs(parent) and name != SIDE_FILE_NAME:
+    if XATTR_FSCRYPT_CONTEXT in _xattrs(parent) and name != SIDE_FILE_NAME:
         try:
             nk = parse_nokey_name(name)
             n: dict[str, Any] = {

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from ciphertextfs.view.format import SIDE_FILE_NAME
+
 __all__ = [
     "BackupError",
     "Kind",
@@ -26,10 +28,8 @@ __all__ = [
     "TarBackup",
     "open_backup",
     "show_path",
-    "SIDE_FILE_NAME",
 ]
 
-SIDE_FILE_NAME = b".fscrypt-longnames"
 
 # A side file holds one line of about 450 bytes per long name; anything far
 # larger than a directory could ever need is refused instead of read.

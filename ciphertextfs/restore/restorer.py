@@ -14,18 +14,17 @@ from ciphertextfs.fscrypt.errors import FscryptError, KeyMissingError
 from ciphertextfs.fscrypt.fname import decrypt_filename, decrypt_symlink, encrypt_filename
 from ciphertextfs.fscrypt.keysetup import FileKey, derive_file_key
 from ciphertextfs.fscrypt.policy import FscryptContext
+from ciphertextfs.view.format import SIDE_FILE_NAME, XATTR_FSCRYPT_CONTEXT, parse_side_file
 
-from .backup import SIDE_FILE_NAME, Backup, Entry, Kind, Path_, TreeProblem
+from .backup import Backup, Entry, Kind, Path_, TreeProblem
 from .keys import KeyRing, key_label
 from .plan import (
-    XATTR_CONTEXT,
     FscryptAttrs,
     RestoreProblem,
     check_plain_name,
     ciphertext_name,
     fscrypt_attrs,
     original_xattrs,
-    parse_side_file,
     parse_symlink_target,
 )
 from .report import Report
@@ -376,7 +375,7 @@ class Restorer:
 
 def _encrypted(e: Entry) -> bool:
     """Whether the children of a directory entry have no-key names."""
-    return XATTR_CONTEXT in e.xattrs
+    return XATTR_FSCRYPT_CONTEXT in e.xattrs
 
 
 def _read_exact(src, n: int) -> bytes:

@@ -17,25 +17,24 @@ from dataclasses import dataclass
 
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
-from ciphertextfs.fscrypt.nokey import base64url_encode
 from ciphertextfs.fscrypt.policy import FscryptContext, FscryptError, parse_context
-from ciphertextfs.view.names import (
+from ciphertextfs.view.format import (
     SIDE_FILE_NAME,
+    XATTR_FSCRYPT_BLOCK_SIZE,
+    XATTR_FSCRYPT_CONTEXT,
+    XATTR_FSCRYPT_FS_UUID,
+    XATTR_FSCRYPT_INO,
+    XATTR_FSCRYPT_SIZE,
+    symlink_target,
+)
+from ciphertextfs.view.names import (
     Entry,
     Listing,
     is_side_ino,
     list_directory,
     side_file_ino,
 )
-from ciphertextfs.view.xattrs import (
-    XATTR_FSCRYPT_BLOCK_SIZE,
-    XATTR_FSCRYPT_CONTEXT,
-    XATTR_FSCRYPT_FS_UUID,
-    XATTR_FSCRYPT_INO,
-    XATTR_FSCRYPT_SIZE,
-    fscrypt_context_raw,
-    passthrough_xattrs,
-)
+from ciphertextfs.view.xattrs import fscrypt_context_raw, passthrough_xattrs
 
 __all__ = ["Attr", "Entry", "View", "ViewNoAttr", "ViewNotFound", "SIDE_FILE_NAME"]
 
@@ -44,9 +43,6 @@ STATIC_CACHE_TIMEOUT = 3600.0
 
 LIVE_CACHE_TIMEOUT = 1.0
 """A mounted filesystem does: keep what the kernel and the view cache short."""
-
-PATH_MAX = 4096
-SYMLINK_FORMAT_PREFIX = b"fscrypt:1:"
 
 
 class ViewNotFound(LookupError):
@@ -107,13 +103,10 @@ def encrypted_symlink_target(ctx_raw: bytes, body: bytes, extra: tuple[int, byte
     ct_len = int.from_bytes(body[:2], "little")
     if ct_len == 0 or ct_len > len(body) - 2:
         raise FscryptError(f"encrypted symlink: ciphertext length {ct_len} out of range")
-    parts = [base64url_encode(ctx_raw), base64url_encode(body[2 : 2 + ct_len])]
-    if extra is not None:
-        parts += [str(extra[0]), extra[1].hex()]
-    target = SYMLINK_FORMAT_PREFIX + ":".join(parts).encode("ascii")
-    if len(target) >= PATH_MAX:
-        raise FscryptError("encrypted symlink target too long to represent in a link target")
-    return target
+    try:
+        return symlink_target(ctx_raw, body[2 : 2 + ct_len], extra)
+    except ValueError as e:
+        raise FscryptError(str(e)) from None
 
 
 class View:

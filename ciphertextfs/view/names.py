@@ -21,12 +21,10 @@ from dataclasses import dataclass
 from ciphertextfs.ext4.dirhash import dx_hash_version, ext4fs_dirhash
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
-from ciphertextfs.fscrypt.nokey import base64url_encode, nokey_name
+from ciphertextfs.fscrypt.nokey import nokey_name
+from ciphertextfs.view.format import SIDE_FILE_NAME, side_file_text
 
 log = logging.getLogger("ciphertextfs")
-
-SIDE_FILE_NAME = b".fscrypt-longnames"
-"""Starts with '.', which no base64url no-key name can contain."""
 
 SIDE_INO_BASE = 1 << 32
 """Side file of directory d has inode number SIDE_INO_BASE + d: above every
@@ -58,12 +56,6 @@ def side_file_ino(dir_ino: int) -> int:
 
 def is_side_ino(ino: int) -> bool:
     return ino >= SIDE_INO_BASE
-
-
-def side_file_text(long_names: list[tuple[str, bytes]]) -> bytes:
-    """Render the side file: one `<no-key name> <base64url ciphertext>` line per entry."""
-    lines = sorted(f"{name} {base64url_encode(ct)}\n" for name, ct in long_names)
-    return "".join(lines).encode("ascii")
 
 
 def _hash_rule(fs: Filesystem, dir_inode: Inode):

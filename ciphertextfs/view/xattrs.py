@@ -14,6 +14,7 @@ import struct
 
 from ciphertextfs.ext4.errors import CorruptError
 from ciphertextfs.ext4.xattr import Xattr
+from ciphertextfs.view.format import XATTR_FSCRYPT_PREFIX
 
 log = logging.getLogger("ciphertextfs")
 
@@ -37,12 +38,6 @@ ACL_NAMES = {
     EXT4_XATTR_INDEX_POSIX_ACL_DEFAULT: b"system.posix_acl_default",
 }
 
-XATTR_FSCRYPT_CONTEXT = b"user.fscrypt.context"
-XATTR_FSCRYPT_SIZE = b"user.fscrypt.size"
-XATTR_FSCRYPT_BLOCK_SIZE = b"user.fscrypt.block_size"
-XATTR_FSCRYPT_INO = b"user.fscrypt.ino"
-XATTR_FSCRYPT_FS_UUID = b"user.fscrypt.fs_uuid"
-FSCRYPT_XATTR_PREFIX = b"user.fscrypt."
 
 EXT4_ACL_VERSION = 0x0001
 POSIX_ACL_XATTR_VERSION = 0x0002
@@ -97,7 +92,7 @@ def passthrough_xattrs(xattrs: list[Xattr], ino: int) -> dict[bytes, bytes]:
         prefix = XATTR_PREFIXES.get(x.name_index)
         if prefix is not None:
             name = prefix + x.name
-            if name.startswith(FSCRYPT_XATTR_PREFIX):
+            if name.startswith(XATTR_FSCRYPT_PREFIX):
                 log.warning("inode %d: original xattr %r hidden by the view's own", ino, name)
                 continue
             out[name] = x.value
