@@ -231,6 +231,11 @@ class Filesystem:
             raise CorruptError("journal inode shorter than its size")
         return out
 
+    def drop_caches(self) -> None:
+        """Forget cached metadata, for a source that a mounted ext4 keeps changing."""
+        for cache in (self._blocks, self._inodes, self._gdescs, self._maps):
+            cache.clear()
+
     def close(self) -> None:
         self.source.close()
 

@@ -133,9 +133,7 @@ class View:
             with self._lock:
                 self._nodes.clear()
                 self._listings.clear()
-                drop = getattr(self.fs, "drop_caches", None)
-                if drop is not None:
-                    drop()
+                self.fs.drop_caches()
                 self._stamp = now
 
     def _inode(self, ino: int) -> Inode:
