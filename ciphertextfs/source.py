@@ -107,6 +107,15 @@ def syncfs(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def sync_directory(path: str) -> None:
+    """Write back the whole filesystem holding `path`, so O_DIRECT reads see its data."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        syncfs(fd)
+    finally:
+        os.close(fd)
+
+
 def _device_for(dev: tuple[int, int], mount_source: str) -> str:
     """The block device node of `dev`: the mount's source if it is that device.
 
@@ -147,11 +156,7 @@ def _directory_source(path: str, st: os.stat_result) -> Source:
     if dev[0] == 0:
         raise SourceError(f"{path}: its filesystem ({mount.source}) has no backing block device")
     device = _device_for(dev, mount.source)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        syncfs(fd)
-    finally:
-        os.close(fd)
+    sync_directory(path)
     return Source(path=device, root_ino=st.st_ino, live=True, directory=path)
 
 

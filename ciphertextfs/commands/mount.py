@@ -8,6 +8,7 @@ answers requests by the time the command returns.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import stat
@@ -209,7 +210,12 @@ def run(args: argparse.Namespace) -> int:
     from ciphertextfs.fuse import CiphertextOperations, fuse_options
     from ciphertextfs.view.model import View
 
-    view = View(fs, source.root_ino, live=source.live)
+    sync = None
+    if source.directory is not None:
+        from ciphertextfs.source import sync_directory
+
+        sync = functools.partial(sync_directory, source.directory)
+    view = View(fs, source.root_ino, live=source.live, sync=sync)
     try:
         root = view.attr(source.root_ino)
     except Exception as e:  # noqa: BLE001 - any failure here is the source's fault

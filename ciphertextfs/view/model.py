@@ -8,11 +8,13 @@ calling it directly; the pyfuse3 adapter only translates.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ciphertextfs.ext4.fs import Filesystem
@@ -37,6 +39,8 @@ from ciphertextfs.view.names import (
 from ciphertextfs.view.xattrs import fscrypt_context_raw, passthrough_xattrs
 
 __all__ = ["Attr", "Entry", "View", "ViewNoAttr", "ViewNotFound", "SIDE_FILE_NAME"]
+
+log = logging.getLogger("ciphertextfs")
 
 STATIC_CACHE_TIMEOUT = 3600.0
 """An image or snapshot never changes under the view: let the kernel cache."""
@@ -112,8 +116,19 @@ def encrypted_symlink_target(ctx_raw: bytes, body: bytes, extra: tuple[int, byte
 class View:
     """The ciphertext view of one ext4 tree rooted at `root_ino`."""
 
-    def __init__(self, fs: Filesystem, root_ino: int = 2, *, live: bool = False):
+    def __init__(
+        self,
+        fs: Filesystem,
+        root_ino: int = 2,
+        *,
+        live: bool = False,
+        sync: Callable[[], None] | None = None,
+    ):
+        """`live`: the source is a mounted filesystem.  `sync` then writes it
+        back (syncfs) each time the caches expire, so that file contents,
+        read with O_DIRECT from the device, are at most that old."""
         self.fs = fs
+        self._sync = sync
         self.root_ino = root_ino
         self.live = live
         self.cache_timeout = LIVE_CACHE_TIMEOUT if live else STATIC_CACHE_TIMEOUT
@@ -130,6 +145,11 @@ class View:
             return
         now = time.monotonic()
         if now - self._stamp > self.cache_timeout:
+            if self._sync is not None:
+                try:
+                    self._sync()
+                except OSError as e:
+                    log.warning("syncfs of the live source failed: %s", e)
             with self._lock:
                 self._nodes.clear()
                 self._listings.clear()
