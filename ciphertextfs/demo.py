@@ -99,7 +99,7 @@ def run_demo(workdir: Path) -> None:
     _say("The owner makes an ext4 filesystem with encryption and a directory only their key opens")
     with open(image, "wb") as f:
         f.truncate(64 << 20)
-    _run("mke2fs", "-q", "-t", "ext4", "-O", "encrypt", image)
+    _run("mke2fs", "-q", "-t", "ext4", "-b", "4096", "-O", "encrypt", image)
     key = os.urandom(64)
     keyfile.write_bytes(key)
     keyfile.chmod(0o600)
