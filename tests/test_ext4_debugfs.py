@@ -366,6 +366,9 @@ def check_image(image: Path, src: Path, tmp: Path, times: dict[bytes, int] | Non
 VARIANTS = {
     "ext4-4k": ["-t", "ext4", "-b", "4096"],
     "ext4-1k": ["-t", "ext4", "-b", "1024"],
+    "ext4-2k": ["-t", "ext4", "-b", "2048"],
+    "ext4-sparse-super2": ["-t", "ext4", "-O", "sparse_super2"],
+    "ext4-no-flex-bg": ["-t", "ext4", "-O", "^flex_bg", "-b", "1024"],
     "ext4-64k": ["-t", "ext4", "-b", "65536"],
     "ext4-32bit-nocsum": ["-t", "ext4", "-O", "^metadata_csum,^64bit"],
     "ext4-64bit-nocsum": ["-t", "ext4", "-O", "^metadata_csum,64bit"],
