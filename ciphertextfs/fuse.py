@@ -24,15 +24,21 @@ cat >/dev/null` of a 256 MiB file through the view, cold caches:
 
 FOPEN_DIRECT_IO keeps view files out of the page cache but turns every
 application read (tar: 10 KiB) into one FUSE round trip and one device read.
-So view files use the page cache, with readahead raised to 1 MiB (the
-largest request libfuse 3.14 negotiates, max_pages 256), and the daemon
-bounds what a backup leaves there: after every `CACHE_WINDOW` bytes read
-from a file, and when it is closed, the file's pages are invalidated
-(measured peak growth of the page cache about 32 MiB, +1 MiB after close),
-so a full backup does not push the host's working set out.  Source blocks
-are read with O_DIRECT by the ext4 layer and are not cached twice.  Threads
-for reads gain no throughput for one sequential reader, but keep lookups
-and getattr of other processes flowing while a read waits on the device.
+So view files use the page cache, and the daemon bounds what a backup
+leaves there: after every `CACHE_WINDOW` bytes read through the view, the
+pages of the files read meanwhile are invalidated in one batch (measured
+peak growth of the page cache about 32 MiB), so a full backup does not push
+the host's working set out.  Source blocks are read with O_DIRECT by the
+ext4 layer and are not cached twice.
+
+Readahead of the mount is raised to 16 MiB: the kernel then keeps several
+1 MiB requests (the largest libfuse 3.14 negotiates, max_pages 256) in
+flight, so the device read of one overlaps with the reply of another (1 GiB
+of 4 MiB files: 2.3 s against 2.9 s with 1 MiB).  Large reads run in two
+worker threads for that overlap and so that lookups and getattr keep being
+answered meanwhile; small reads are answered in the event loop, where they
+cost less than the hand-off to a thread (20,000 small files: 8 s against
+16 s with every read in a thread and a per-file invalidation on release).
 libfuse's max_read option cannot be used: pyfuse3 has no way to set the
 matching conn->max_read and libfuse then refuses to mount.
 """
@@ -58,13 +64,17 @@ log = logging.getLogger("ciphertextfs")
 #: FOPEN_DIRECT_IO for view files: no, see the module docstring for the numbers.
 DIRECT_IO = False
 
-#: Readahead of the FUSE mount's backing device info, set after mounting.
-#: Large sequential requests are what makes a backup fast; 1 MiB matches the
-#: largest request libfuse 3.14 negotiates (max_pages 256).
-READ_AHEAD_KB = 1024
+#: Readahead of the FUSE mount's backing device info, set after mounting:
+#: enough for several of the largest requests (1 MiB) to be in flight.
+READ_AHEAD_KB = 16384
 
-#: Bytes of one file the kernel may cache before the daemon drops them.
+#: Bytes read through the view that the kernel may cache before the
+#: daemon drops them.
 CACHE_WINDOW = 32 << 20
+
+#: Reads up to this size are answered in the event loop, larger ones in a
+#: worker thread.
+SMALL_READ = 128 << 10
 
 #: Concurrent blocking reads in worker threads.  Two lets a read waiting on
 #: the device overlap with another one and keeps metadata requests flowing
@@ -152,7 +162,8 @@ class CiphertextOperations(pyfuse3.Operations):
         self.keep_cache = not getattr(view, "live", False)
         self._limiter = trio.CapacityLimiter(read_threads) if read_threads > 0 else None
         self._dir_handles: dict[int, tuple[int, Sequence[Any]]] = {}
-        self._uncached: dict[int, int] = {}
+        self._window_inodes: set[int] = set()
+        self._window_bytes = 0
         self._drop_limiter = trio.CapacityLimiter(1)
         self._next_fh = 1
 
@@ -290,44 +301,60 @@ class CiphertextOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        if self._limiter is None:
+        """Read in a worker thread when large, in the event loop when small.
+
+        A small read costs less than the hand-off to a thread and back; a
+        large one waits on the device long enough that other requests
+        should be answered meanwhile.
+        """
+        if self._limiter is None or size <= SMALL_READ:
             data = self.view.read(fh, off, size)
         else:
             data = await trio.to_thread.run_sync(
                 self.view.read, fh, off, size, limiter=self._limiter
             )
         if not self.direct_io:
-            done = self._uncached.get(fh, 0) + len(data)
-            if done >= CACHE_WINDOW:
-                done = 0
-                self._drop_cache_soon(fh)
-            self._uncached[fh] = done
+            self._account_cached(fh, len(data))
         return data
 
-    async def release(self, fh: int) -> None:
-        if self._uncached.pop(fh, None) is not None:
-            self._drop_cache_soon(fh)
+    def _account_cached(self, ino: int, nbytes: int) -> None:
+        """Bound what a backup leaves in the page cache to about CACHE_WINDOW.
 
-    def _drop_cache_soon(self, ino: int) -> None:
-        """Drop the kernel's cached pages of `ino` without waiting for it.
+        Every CACHE_WINDOW bytes read, the pages of every file read since
+        the last time are dropped, in one batch: per-file invalidation on
+        close costs a thread hand-off per file, as much as the read itself
+        for small files.
+        """
+        self._window_inodes.add(ino)
+        self._window_bytes += nbytes
+        if self._window_bytes >= CACHE_WINDOW:
+            self._drop_cache_soon(self._window_inodes)
+            self._window_inodes = set()
+            self._window_bytes = 0
+
+    async def release(self, fh: int) -> None:
+        """Nothing to do: the page cache is bounded by `_account_cached`."""
+
+    def _drop_cache_soon(self, inodes: set[int]) -> None:
+        """Drop the kernel's cached pages of `inodes` without waiting for it.
 
         Invalidation waits for pages still locked by readahead, whose data
         this very loop has yet to send: it must run in a thread, never in a
         request handler.
         """
-        trio.lowlevel.spawn_system_task(self._drop_cache, ino)
+        trio.lowlevel.spawn_system_task(self._drop_cache, inodes)
 
-    async def _drop_cache(self, ino: int) -> None:
-        try:
-            await trio.to_thread.run_sync(
-                pyfuse3.invalidate_inode,
-                self._to_node(ino),
-                False,
-                limiter=self._drop_limiter,
-                abandon_on_cancel=True,
-            )
-        except Exception as e:  # noqa: BLE001 - a missed invalidation only costs memory
-            log.debug("cannot drop cached pages of inode %d: %s", ino, e)
+    async def _drop_cache(self, inodes: set[int]) -> None:
+        await trio.to_thread.run_sync(
+            self._invalidate, inodes, limiter=self._drop_limiter, abandon_on_cancel=True
+        )
+
+    def _invalidate(self, inodes: set[int]) -> None:
+        for ino in inodes:
+            try:
+                pyfuse3.invalidate_inode(self._to_node(ino), False)
+            except Exception as e:  # noqa: BLE001 - a missed invalidation only costs memory
+                log.debug("cannot drop cached pages of inode %d: %s", ino, e)
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
