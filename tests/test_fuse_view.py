@@ -8,7 +8,6 @@ xattrs, ACLs, statfs) must match what the kernel shows of the same image.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import stat
@@ -20,16 +19,9 @@ import pytest
 
 from tests import harness
 from tests.harness_view import view_mount
+from tests.trees import file_sha256, listing
 
 BIG = 40 << 20  # crosses the adapter's page cache window (32 MiB)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -69,58 +61,25 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return img
 
 
-def walk(top: Path) -> dict[str, tuple]:
-    """Everything the view must reproduce, per relative path."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in [*dirnames, *filenames]:
-            p = Path(dirpath) / name
-            st = os.lstat(p)
-            rel = os.fspath(p.relative_to(top))
-            if stat.S_ISREG(st.st_mode):
-                body = sha256(p)
-            elif stat.S_ISLNK(st.st_mode):
-                body = os.readlink(p)
-            else:
-                body = None
-            xattrs = {}
-            if not stat.S_ISLNK(st.st_mode):
-                xattrs = {n: os.getxattr(p, n) for n in os.listxattr(p) if n.startswith("user.")}
-            out[rel] = (
-                st.st_ino,
-                st.st_mode,
-                st.st_nlink,
-                st.st_uid,
-                st.st_gid,
-                st.st_rdev,
-                st.st_size,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-                body,
-                xattrs,
-            )
-    return out
-
-
 def test_view_matches_kernel_and_source_unchanged(image: Path, tmp_path: Path) -> None:
-    before = sha256(image)
+    before = file_sha256(image)
     with harness.mounted(image, tmp_path / "k", read_only=True) as (_dev, kmnt):
-        expected = walk(kmnt)
+        expected = listing(kmnt)
         kernel_ls = sorted(os.listdir(kmnt / "many"))
         kernel_acl = harness.run("getfacl", "-n", "-p", kmnt / "d" / "acl")
     with view_mount(image, tmp_path / "v") as v:
-        got = walk(v.mountpoint)
-        listing = os.listdir(v.mountpoint / "many")
+        got = listing(v.mountpoint)
+        names = os.listdir(v.mountpoint / "many")
         view_acl = harness.run("getfacl", "-n", "-p", v.mountpoint / "d" / "acl")
         root_ls = sorted(os.listdir(v.mountpoint))
     assert got == expected
-    assert len(listing) == len(set(listing)) == 1500
-    assert sorted(listing) == kernel_ls
+    assert len(names) == len(set(names)) == 1500
+    assert sorted(names) == kernel_ls
     assert view_acl.replace(os.fspath(tmp_path / "v"), "") == kernel_acl.replace(
         os.fspath(tmp_path / "k"), ""
     )
     assert "lost+found" in root_ls
-    assert sha256(image) == before
+    assert file_sha256(image) == before
 
 
 def test_statfs_matches_kernel(image: Path, tmp_path: Path) -> None:
@@ -138,7 +97,7 @@ def test_statfs_matches_kernel(image: Path, tmp_path: Path) -> None:
 
 
 def test_writes_fail_with_erofs(image: Path, tmp_path: Path) -> None:
-    before = sha256(image)
+    before = file_sha256(image)
     with view_mount(image, tmp_path / "v") as v:
         m = v.mountpoint
         for argv in (
@@ -163,7 +122,7 @@ def test_writes_fail_with_erofs(image: Path, tmp_path: Path) -> None:
                 os.open(m / "d" / "f", flags)
             assert e.value.errno == errno.EROFS
         assert (m / "d" / "f").read_bytes() == b"hello\n"
-    assert sha256(image) == before
+    assert file_sha256(image) == before
 
 
 def test_permissions_enforced_for_other_users(image: Path, tmp_path: Path) -> None:

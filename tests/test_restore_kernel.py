@@ -19,7 +19,7 @@ from ciphertextfs.fscrypt.keysetup import MasterKey
 from tests import harness
 from tests.harness_restore import make_view_copy, walk
 
-PY = [sys.executable, "-m", "ciphertextfs.commands.decrypt"]
+PY = [sys.executable, "-m", "ciphertextfs", "decrypt"]
 LONG_DIR = "D" * 230
 LONG_FILE = "é" * 100  # 200 bytes: ciphertext name longer than 149 bytes
 
@@ -226,7 +226,7 @@ def test_inspect(backup, tmp_path: Path) -> None:
     link = next(n for n in os.listdir(enc) if (enc / n).is_symlink())
     paths = [enc, enc / long_name, enc / link, _nokey_of(copy, b"12388")]
     r = subprocess.run(
-        [sys.executable, "-m", "ciphertextfs.commands.inspect", "--json", *map(str, paths)],
+        [sys.executable, "-m", "ciphertextfs", "inspect", "--json", *map(str, paths)],
         capture_output=True,
         text=True,
         check=False,
@@ -239,7 +239,7 @@ def test_inspect(backup, tmp_path: Path) -> None:
     assert info[2]["type"] == "symlink" and info[2]["symlink"]["ciphertext_length"] >= 16
     assert info[3]["size"] == 12388 and info[3]["ciphertext_size"] == 12400
     text = subprocess.run(
-        [sys.executable, "-m", "ciphertextfs.commands.inspect", str(paths[3])],
+        [sys.executable, "-m", "ciphertextfs", "inspect", str(paths[3])],
         capture_output=True,
         text=True,
         check=True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ciphertextfs.commands import PROG, CommandError
+from ciphertextfs.commands import CommandError
 
 DESCRIPTION = """\
 Decrypt a backup of the ciphertext view into DEST with the owner's keys.
@@ -110,20 +110,3 @@ def run(args: argparse.Namespace) -> int:
             return Restorer(backup, writer, keys, report, block_size=bs).run(verify=args.verify)
         except DestError as e:
             raise CommandError(str(e), EXIT_FATAL) from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the command alone (tests, and before cli.py knows it)."""
-    parser = argparse.ArgumentParser(prog=PROG)
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["decrypt", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return run(args)
-    except CommandError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return e.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ from typing import Any
 
 import xattr
 
-from ciphertextfs.commands import PROG, CommandError
+from ciphertextfs.commands import PROG
 
 EPILOG = """\
 exit status:
@@ -187,19 +187,3 @@ def run(args: argparse.Namespace) -> int:
         json.dump(results, sys.stdout, indent=2)
         print()
     return status
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG)
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["inspect", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return run(args)
-    except CommandError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return e.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Shared pieces of the benchmark scripts: machine facts, cleanup, test data.
+
+The benchmarks print tables; they are not tests and assert nothing.  They
+need root, loop devices, ext4 encryption and /dev/fuse, like the kernel
+tests, and reuse the test harness so that every loop device and mount they
+create is released however they end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from tests import harness
+
+#: Key of the keystream that fills the benchmark files (not a secret).
+DATA_KEY = bytes(range(32))
+
+MIB = 1 << 20
+
+
+def file_data(index: int, size: int) -> bytes:
+    """Incompressible, reproducible contents for file number `index`.
+
+    AES-CTR keystream: gigabytes per second, so generating the data costs
+    nothing next to writing it, and the encrypted and unencrypted copies of
+    the tree hold the same bytes without keeping them in memory.
+    """
+    nonce = index.to_bytes(16, "little")
+    enc = Cipher(algorithms.AES(DATA_KEY), modes.CTR(nonce)).encryptor()
+    return enc.update(bytes(size))
+
+
+def machine() -> dict[str, str]:
+    """What the figures were measured on."""
+    model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = meminfo()["MemTotal"]
+    aes = "?"
+    with contextlib.suppress(OSError), open("/proc/crypto") as f:
+        blocks = f.read().split("\n\n")
+        best = -1
+        for b in blocks:
+            fields = dict(
+                (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in b.splitlines())
+            )
+            if fields.get("name") == "xts(aes)" and int(fields.get("priority", "0")) > best:
+                best = int(fields.get("priority", "0"))
+                aes = fields.get("driver", "?")
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "memory": f"{mem / (1 << 30):.1f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "kernel xts(aes)": aes,
+    }
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes."""
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                out[key] = int(parts[0]) * (1024 if parts[-1] == "kB" else 1)
+    return out
+
+
+def drop_pagecache_count() -> int:
+    """How often anyone has written to /proc/sys/vm/drop_caches since boot.
+
+    Other processes (tests running alongside) dropping the caches during a
+    run would make the host file look evicted by the reader under test.
+    """
+    with open("/proc/vmstat") as f:
+        for line in f:
+            key, _, value = line.partition(" ")
+            if key == "drop_pagecache":
+                return int(value)
+    return 0
+
+
+def fincore_bytes(path: Path) -> int:
+    """Bytes of `path` resident in the page cache (util-linux fincore)."""
+    out = harness.run("fincore", "--bytes", "--noheadings", "--output", "RES", path)
+    return int(out.split()[0])
+
+
+def timed(argv: Sequence[str]) -> float:
+    """Run a shell pipeline, failing loudly; its wall-clock seconds."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, check=False)
+    dt = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.decode(errors='replace')}")
+    return dt
+
+
+def tar_pipeline(directory: Path, cgroup: Path | None = None) -> list[str]:
+    """`tar -cf - DIR | cat >/dev/null`: GNU tar skips reading files with -f /dev/null.
+
+    With `cgroup`, the pipeline runs in that memory cgroup, so the page cache
+    its reads bring in is charged there and can be told apart from whatever
+    else the machine caches meanwhile.
+    """
+    enter = 'echo $$ > "$3/cgroup.procs" && ' if cgroup is not None else ""
+    return [
+        "bash",
+        "-o",
+        "pipefail",
+        "-c",
+        enter + 'tar -C "$1" -cf - "$2" | cat >/dev/null',
+        "tar",
+        os.fspath(directory.parent),
+        directory.name,
+        os.fspath(cgroup) if cgroup is not None else "",
+    ]
+
+
+MEMCG_V1 = Path("/sys/fs/cgroup/memory")
+MEMCG_V2 = Path("/sys/fs/cgroup")
+
+
+@dataclass
+class MemcgUsage:
+    peak: int
+    cache: int
+
+
+@contextlib.contextmanager
+def memcg(name: str) -> Iterator[tuple[Path, Callable[[], MemcgUsage]]]:
+    """A fresh memory cgroup (v1 or v2); yields it and a reader of its usage.
+
+    The usage is the peak of everything charged (the pipeline's page cache
+    and its small anonymous memory) and the page cache charged right now.
+    """
+    if (MEMCG_V1 / "memory.usage_in_bytes").exists():
+        cg = MEMCG_V1 / name
+        peak_file, stat_key = "memory.max_usage_in_bytes", "cache"
+    else:
+        cg = MEMCG_V2 / name
+        peak_file, stat_key = "memory.peak", "file"
+    cg.mkdir()
+
+    def usage() -> MemcgUsage:
+        stat = {}
+        for line in (cg / "memory.stat").read_text().splitlines():
+            k, _, v = line.partition(" ")
+            stat[k] = int(v)
+        return MemcgUsage(int((cg / peak_file).read_text()), stat.get(stat_key, 0))
+
+    try:
+        yield cg, usage
+    finally:
+        # After an interruption the pipeline we started may still run in it.
+        with contextlib.suppress(OSError):
+            for pid in (cg / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+@contextlib.contextmanager
+def loop_device(image: Path, *, read_only: bool = False, direct_io: bool = True) -> Iterator[str]:
+    """A loop device over `image`, with direct I/O to the backing file by default.
+
+    Without it the loop driver reads the image through the host's page cache,
+    which would hide the disk behind RAM in every cold-cache figure and
+    count the image's pages as cache growth of whatever reads the device.
+    """
+    argv = ["losetup", "--find", "--show", f"--direct-io={'on' if direct_io else 'off'}"]
+    if read_only:
+        argv.append("--read-only")
+    dev = harness.run(*argv, image).strip()
+    try:
+        yield dev
+    finally:
+        harness.detach_loop(dev)
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP: unwind through every finally block, then exit."""
+
+
+@contextlib.contextmanager
+def cleanup_on_signals() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into an exception so that mounts and loops are released."""
+
+    def raise_interrupted(signum: int, _frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def print_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], out: Callable, *, text_columns: int = 2
+) -> None:
+    """A Markdown table (readable as plain text too): text left, figures right."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return (
+            "| "
+            + " | ".join(
+                c.ljust(w) if i < text_columns else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+            + " |"
+        )
+
+    out(line(headers))
+    out("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        out(line(r))
