@@ -104,13 +104,28 @@ def list_directory(fs: Filesystem, dir_inode: Inode, dir_ino: int) -> Listing:
             _add(entries, by_name, name.encode("ascii"), de.inode, dir_ino)
     else:
         for de in raw:
-            _add(entries, by_name, de.name, de.inode, dir_ino)
+            _add(entries, by_name, _presentable(de.name, dir_ino), de.inode, dir_ino)
 
     side = None
     if long_names:
         side = side_file_text(long_names)
         _add(entries, by_name, SIDE_FILE_NAME, side_file_ino(dir_ino), dir_ino)
     return Listing(tuple(entries), by_name, side)
+
+
+def _presentable(name: bytes, dir_ino: int) -> bytes:
+    """A name the kernel accepts from readdir.
+
+    ext4 never writes '/' or NUL into a name, but a damaged directory may
+    hold them, and one such name makes the kernel fail the listing of the
+    whole directory.  They are shown as %2F and %00, so that the entry and
+    its data still reach the backup, and logged.
+    """
+    if b"/" not in name and b"\0" not in name:
+        return name
+    shown = name.replace(b"/", b"%2F").replace(b"\0", b"%00")
+    log.error("directory inode %d: invalid name %r shown as %r", dir_ino, name, shown)
+    return shown
 
 
 def _add(entries: list[Entry], by_name: dict[bytes, int], name: bytes, ino: int, dir_ino: int):
