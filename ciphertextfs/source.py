@@ -160,6 +160,48 @@ def _directory_source(path: str, st: os.stat_result) -> Source:
     return Source(path=device, root_ino=st.st_ino, live=True, directory=path)
 
 
+def _loop_devices_of(image: str) -> list[tuple[int, int]]:
+    """Device numbers of the loop devices backed by `image`."""
+    real = os.path.realpath(image)
+    found = []
+    try:
+        names = os.listdir("/sys/block")
+    except OSError:
+        return found
+    for name in names:
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                backing = f.read().strip()
+            with open(f"/sys/block/{name}/dev") as f:
+                major, minor = f.read().strip().split(":")
+        except (OSError, ValueError):
+            continue
+        if backing == real:
+            found.append((int(major), int(minor)))
+    return found
+
+
+def _mounted_device_source(path: str, st: os.stat_result) -> Source | None:
+    """A device (or an image behind a loop device) that ext4 has mounted.
+
+    Its newest metadata then lives in the device's page cache, not on disk:
+    the view must read it live, through the device, as for a directory
+    source, rooted at the filesystem's root.  None when it is not mounted.
+    """
+    if stat.S_ISBLK(st.st_mode):
+        devs = [(os.major(st.st_rdev), os.minor(st.st_rdev))]
+    else:
+        devs = _loop_devices_of(path)
+    if not devs:
+        return None
+    for mount in read_mountinfo():
+        if mount.dev in devs and mount.fs_type == "ext4":
+            device = path if stat.S_ISBLK(st.st_mode) else _device_for(mount.dev, mount.source)
+            sync_directory(mount.mount_point)
+            return Source(path=device, live=True, directory=mount.mount_point)
+    return None
+
+
 def resolve_source(path: str) -> Source:
     """Classify SOURCE; raises SourceError with a one-line message.
 
@@ -182,5 +224,5 @@ def resolve_source(path: str) -> Source:
     if stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode):
         if not os.access(path, os.R_OK, effective_ids=True):
             raise SourceError(f"{path}: {os.strerror(errno.EACCES)}")
-        return Source(path=path)
+        return _mounted_device_source(path, st) or Source(path=path)
     raise SourceError(f"{path}: not a block device, image file or directory")

@@ -1,4 +1,4 @@
-"""A view over a directory of a mounted ext4 follows the live filesystem.
+"""A view over a mounted ext4 follows the live filesystem.
 
 Metadata comes through the block device's page cache, which ext4 itself
 updates; file contents are read with O_DIRECT from the device, so the view
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import time
+
+import pytest
 
 from ciphertextfs.fscrypt.policy import parse_context
 from tests import harness
@@ -27,15 +29,18 @@ def _wait_for(predicate, timeout: float = 5.0) -> bool:
     return predicate()
 
 
-def test_changes_after_mount_appear(ext4, tmp_path):
+@pytest.mark.parametrize("given", ["directory", "device", "image"])
+def test_changes_after_mount_appear(ext4, tmp_path, given):
+    """SOURCE is the mounted filesystem's directory, its device, or the image behind it."""
     harness.require_fuse()
-    with ext4(size_mb=32) as (_, _, mnt):
+    with ext4(size_mb=32) as (image, dev, mnt):
+        source = {"directory": mnt, "device": dev, "image": image}[given]
         (mnt / "plain").mkdir()
         (mnt / "plain/old").write_bytes(b"before the view was mounted")
         with keys_added(mnt) as keys:
             (mnt / "vault").mkdir()
             POLICY["v2"].apply(mnt / "vault", keys)
-            with view_mount(mnt, tmp_path / "view") as vm:
+            with view_mount(source, tmp_path / "view") as vm:
                 view = vm.mountpoint
                 assert (view / "plain/old").read_bytes() == b"before the view was mounted"
 

@@ -41,6 +41,8 @@ can later be decrypted with 'ciphertextfs decrypt'.
 SOURCE is one of:
   - an ext4 block device (/dev/sdb1, a snapshot such as /dev/vg/snap);
   - an ext4 image file;
+    (a device or image that is mounted right now is read live, like a
+    directory source rooted at the filesystem's root)
   - a directory inside a mounted ext4 filesystem: the view shows that
     directory's tree, read from the filesystem's block device.  The
     filesystem is synced (syncfs) first and then at most once a second
