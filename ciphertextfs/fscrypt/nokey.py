@@ -7,6 +7,7 @@ very same names so that a backup looks exactly like a locked directory.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -25,7 +26,6 @@ __all__ = [
 ]
 
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-_VALUE = {c: i for i, c in enumerate(_ALPHABET)}
 
 FSCRYPT_NOKEY_NAME_DIRHASH_SIZE = 8
 FSCRYPT_NOKEY_NAME_BYTES = 149  # ciphertext bytes kept verbatim
@@ -40,27 +40,7 @@ _SHORT_MAX = FSCRYPT_NOKEY_NAME_DIRHASH_SIZE + FSCRYPT_NOKEY_NAME_BYTES
 
 def base64url_encode(data: bytes) -> str:
     """RFC 4648 base64url without '=' padding, like fscrypt_base64url_encode()."""
-    out = bytearray()
-    n = len(data)
-    full = n - n % 3
-    for i in range(0, full, 3):
-        v = (data[i] << 16) | (data[i + 1] << 8) | data[i + 2]
-        out += bytes(
-            (
-                _ALPHABET[v >> 18],
-                _ALPHABET[(v >> 12) & 63],
-                _ALPHABET[(v >> 6) & 63],
-                _ALPHABET[v & 63],
-            )
-        )
-    rest = n - full
-    if rest == 1:
-        v = data[full] << 4
-        out += bytes((_ALPHABET[v >> 6], _ALPHABET[v & 63]))
-    elif rest == 2:
-        v = (data[full] << 10) | (data[full + 1] << 2)
-        out += bytes((_ALPHABET[v >> 12], _ALPHABET[(v >> 6) & 63], _ALPHABET[v & 63]))
-    return out.decode("ascii")
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def base64url_decode(text: str | bytes) -> bytes:
@@ -79,21 +59,13 @@ def base64url_decode(text: str | bytes) -> bytes:
         raw = bytes(text)
     if len(raw) % 4 == 1:
         raise FscryptError(f"base64url text of impossible length {len(raw)}")
-    acc = 0
-    bits = 0
-    out = bytearray()
-    for c in raw:
-        v = _VALUE.get(c)
-        if v is None:
-            raise FscryptError(f"invalid base64url character {chr(c)!r}")
-        acc = (acc << 6) | v
-        bits += 6
-        if bits >= 8:
-            bits -= 8
-            out.append((acc >> bits) & 0xFF)
-    if acc & ((1 << bits) - 1):
+    bad = raw.translate(None, _ALPHABET)
+    if bad:
+        raise FscryptError(f"invalid base64url character {chr(bad[0])!r}")
+    out = base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
+    if base64url_encode(out).encode("ascii") != raw:
         raise FscryptError("base64url text with nonzero trailing bits")
-    return bytes(out)
+    return out
 
 
 def is_long(ciphertext_len: int) -> bool:
