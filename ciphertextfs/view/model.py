@@ -296,6 +296,3 @@ class View:
             side = self.listing(ino - side_file_ino(0)).side_file or b""
             return side[offset : offset + length]
         return self.fs.read(self._inode(ino), offset, length)
-
-    def statfs(self):
-        return self.fs.sb
