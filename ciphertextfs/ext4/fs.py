@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import bisect
 import os
-import threading
-from collections import OrderedDict
-from collections.abc import Hashable
-from typing import Any
+
+from ciphertextfs.lru import LRU
 
 from . import dirent as _dirent
 from . import xattr as _xattr
@@ -63,43 +61,6 @@ MAX_XATTR_VALUES = 16 << 20
 MAX_JOURNAL_BLOCKS = 1 << 24
 
 
-class _LRU:
-    """A small thread-safe LRU bounded by item count (and optionally by bytes)."""
-
-    def __init__(self, max_items: int, max_bytes: int | None = None) -> None:
-        self._d: OrderedDict[Hashable, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self._max_items = max_items
-        self._max_bytes = max_bytes
-        self._bytes = 0
-
-    def get(self, key: Hashable) -> Any:
-        with self._lock:
-            value = self._d.get(key)
-            if value is not None:
-                self._d.move_to_end(key)
-            return value
-
-    def put(self, key: Hashable, value: Any, size: int = 0) -> None:
-        with self._lock:
-            old = self._d.pop(key, None)
-            if old is not None and self._max_bytes is not None:
-                self._bytes -= len(old)
-            self._d[key] = value
-            self._bytes += size
-            while len(self._d) > self._max_items or (
-                self._max_bytes is not None and self._bytes > self._max_bytes and self._d
-            ):
-                _, dropped = self._d.popitem(last=False)
-                if self._max_bytes is not None:
-                    self._bytes -= len(dropped)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._d.clear()
-            self._bytes = 0
-
-
 class Filesystem:
     """A read-only ext4 filesystem on a block device or image file."""
 
@@ -112,10 +73,10 @@ class Filesystem:
         self._warned: set[str] = set()
         self._overlay: dict[int, bytes] = {}
         self._overlay_keys: list[int] = []
-        self._blocks = _LRU(META_CACHE_BLOCKS, META_CACHE_BYTES)
-        self._inodes = _LRU(INODE_CACHE)
-        self._gdescs = _LRU(GDESC_CACHE)
-        self._maps = _LRU(MAPPING_CACHE)
+        self._blocks = LRU(META_CACHE_BLOCKS, META_CACHE_BYTES)
+        self._inodes = LRU(INODE_CACHE)
+        self._gdescs = LRU(GDESC_CACHE)
+        self._maps = LRU(MAPPING_CACHE)
         self._set_geometry(sb)
 
     def _set_geometry(self, sb: Superblock) -> None:

@@ -13,13 +13,13 @@ import os
 import stat
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
 from ciphertextfs.fscrypt.policy import FscryptContext, FscryptError, parse_context
+from ciphertextfs.lru import LRU
 from ciphertextfs.view.format import (
     SIDE_FILE_NAME,
     XATTR_FSCRYPT_BLOCK_SIZE,
@@ -83,18 +83,6 @@ class Node:
     context_raw: bytes | None
 
 
-class _LRU(OrderedDict):
-    def __init__(self, limit: int):
-        super().__init__()
-        self.limit = limit
-
-    def put(self, key, value):
-        self[key] = value
-        self.move_to_end(key)
-        if len(self) > self.limit:
-            self.popitem(last=False)
-
-
 def encrypted_symlink_target(ctx_raw: bytes, body: bytes, extra: tuple[int, bytes] | None) -> bytes:
     """The view's target for an encrypted symlink (docs/FORMAT.md).
 
@@ -132,8 +120,8 @@ class View:
         self.root_ino = root_ino
         self.live = live
         self.cache_timeout = LIVE_CACHE_TIMEOUT if live else STATIC_CACHE_TIMEOUT
-        self._nodes: _LRU = _LRU(65536)
-        self._listings: _LRU = _LRU(4096)
+        self._nodes = LRU(65536)
+        self._listings = LRU(4096)
         self._lock = threading.Lock()
         self._stamp = time.monotonic()
 
