@@ -133,6 +133,16 @@ def mounted(
             unmount(mountpoint)
 
 
+def dumpe2fs_header(image: Path) -> dict[str, str]:
+    """The superblock fields `dumpe2fs -h` prints, by their names there."""
+    fields = {}
+    for line in run("dumpe2fs", "-h", image).splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
 def drop_caches() -> None:
     """Write back and drop the page cache so the next reads come from disk."""
     os.sync()

@@ -40,15 +40,6 @@ from tests import harness
 MAGIC = struct.pack(">I", JBD2_MAGIC_NUMBER)
 
 
-def _dumpe2fs_h(image: Path) -> dict[str, str]:
-    fields = {}
-    for line in harness.run("dumpe2fs", "-h", image).splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key.strip()] = value.strip()
-    return fields
-
-
 def _sb_and_gdt_blocks(image: Path) -> set[int]:
     """Superblock and group descriptor blocks (primary and backups): e2fsck rewrites them."""
     out = subprocess.run(["dumpe2fs", os.fspath(image)], capture_output=True, text=True).stdout
@@ -172,10 +163,7 @@ def _make_snapshot(tmp: Path, variant: str) -> tuple[Path, int, str]:
 @pytest.fixture(scope="module")
 def snapshots(tmp_path_factory: pytest.TempPathFactory):
     """Build each variant's mid-flight copy once per module."""
-    try:
-        harness.require_kernel()
-    except harness.KernelUnavailable as e:
-        pytest.fail(f"kernel capability missing: {e}")
+    harness.require_kernel()
     cache: dict[str, tuple[Path, int, str]] = {}
 
     def get(variant: str) -> tuple[Path, int, str]:
@@ -189,7 +177,7 @@ def snapshots(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_replay_matches_e2fsck_and_kernel(snapshots, tmp_path: Path, variant: str) -> None:
     snap, bs, options = snapshots(variant)
-    fields = _dumpe2fs_h(snap)
+    fields = harness.dumpe2fs_header(snap)
     assert "needs_recovery" in fields["Filesystem features"]
     assert int(fields["Journal start"]) != 0, "nothing to replay: the test would be vacuous"
     jmap = _journal_map(snap)
@@ -280,7 +268,7 @@ def test_clean_journal_replays_nothing(kernel: None, tmp_path: Path) -> None:
     image = harness.mkfs(tmp_path / "c.img", size_mb=16, block_size=1024, extra=["-J", "size=1"])
     with harness.mounted(image, tmp_path / "mnt") as (_dev, mnt):
         _workload(mnt, random.Random(1), 5, False)
-    assert _dumpe2fs_h(image)["Journal start"] == "0"
+    assert harness.dumpe2fs_header(image)["Journal start"] == "0"
     assert replay(_image_reader(image, 1024), _journal_map(image), 1024) == ({}, [])
 
 
