@@ -7,6 +7,7 @@ with the key present (tests/harness_restore.walk), entry for entry.
 from __future__ import annotations
 
 import os
+import pty
 import stat
 import subprocess
 import sys
@@ -299,3 +300,37 @@ def test_policies_into_encrypted_dest(ext4, tmp_path: Path, policy: str) -> None
         assert r.returncode == 0, r.stderr
         compare(orig, dmnt / "locked" / "restored" / "enc")
         assert kernel.get_policy(dmnt / "locked" / "restored" / "enc" / "a").key_spec == ident
+
+
+def _run_on_terminal(argv: list[str]) -> tuple[int, bytes]:
+    """Run argv with stderr on a pseudo-terminal; return (status, what it printed)."""
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+        os.close(follower)
+        out = bytearray()
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's other side is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        return proc.wait(timeout=60), bytes(out)
+    finally:
+        os.close(leader)
+
+
+def test_progress_on_a_terminal_only(backup, tmp_path: Path) -> None:
+    """A terminal gets a redrawn progress line; a pipe and --quiet get none."""
+    _, copy, keyfile, _ = backup
+    status, shown = _run_on_terminal([*PY, "--key", keyfile, copy, tmp_path / "tty"])
+    assert status == 0, shown
+    assert b"\r" in shown and b"MiB/s" in shown, shown
+    piped = decrypt("--key", keyfile, copy, tmp_path / "pipe")
+    assert piped.returncode == 0
+    assert "\r" not in piped.stderr and "MiB/s" not in piped.stderr
+    assert "entries restored" in piped.stderr
+    status, shown = _run_on_terminal([*PY, "-q", "--key", keyfile, copy, tmp_path / "quiet"])
+    assert status == 0 and shown == b"", shown
