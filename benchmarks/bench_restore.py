@@ -129,22 +129,14 @@ def raw_decrypt(mib: int) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--mib", type=int, default=1024, help="MiB of 4 MiB files (default 1024)")
-    p.add_argument("--runs", type=int, default=3, help="runs per measurement; median reported")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="writer threads")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/ctfs-bench-restore"))
     p.add_argument("--keep", action="store_true", help="keep the backup and restored trees")
-    p.add_argument("--results", type=Path, help="also append the report to this file")
+    common.add_common_arguments(p)
     args = p.parse_args(argv)
     harness.require_fuse()
 
-    lines: list[str] = []
-
-    def out(line: str = "") -> None:
-        print(line, flush=True)
-        lines.append(line)
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+    printed = common.Report()
+    out, log = printed.out, printed.log
 
     work = args.workdir.resolve()
     if work.exists():
@@ -214,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         out,
         text_columns=1,
     )
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n".join(lines) + "\n\n")
+    printed.save(args.results)
     return 0
 
 

@@ -349,24 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--large-mib", type=int, default=1024, help="MiB of 4 MiB files (default 1024)")
     p.add_argument("--small-files", type=int, default=20000, help="small files (default 20000)")
-    p.add_argument("--runs", type=int, default=3, help="runs per measurement; median reported")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="writer threads")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/ctfs-bench"))
     p.add_argument("--reuse", type=Path, metavar="DIR", help="reuse the image built in DIR")
     p.add_argument("--keep", action="store_true", help="keep the image for --reuse")
     p.add_argument("--profile", action="store_true", help="py-spy the daemon in the first run")
-    p.add_argument("--results", type=Path, help="also append the report to this file")
+    common.add_common_arguments(p)
     args = p.parse_args(argv)
 
     harness.require_fuse()
-    lines: list[str] = []
-
-    def out(line: str = "") -> None:
-        print(line, flush=True)
-        lines.append(line)
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+    printed = common.Report()
+    out, log = printed.out, printed.log
 
     work = (args.reuse or args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -403,9 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         out(f"- build through the kernel ({args.threads} writer threads, fsync each): {built}")
     out("")
     report(layout, results, args.runs, out)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n".join(lines) + "\n\n")
+    printed.save(args.results)
     return 0
 
 

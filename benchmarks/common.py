@@ -8,12 +8,14 @@ create is released however they end.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -243,3 +245,31 @@ def print_table(
     out("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         out(line(r))
+
+
+class Report:
+    """The report a benchmark prints, kept to append to --results at the end."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def out(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    @staticmethod
+    def log(line: str) -> None:
+        """Progress, on stderr: not part of the report."""
+        print(line, file=sys.stderr, flush=True)
+
+    def save(self, path: Path | None) -> None:
+        if path is not None:
+            with open(path, "a") as f:
+                f.write("\n".join(self.lines) + "\n\n")
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes."""
+    p.add_argument("--runs", type=int, default=3, help="runs per measurement; median reported")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="writer threads")
+    p.add_argument("--results", type=Path, help="also append the report to this file")
