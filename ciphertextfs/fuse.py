@@ -368,7 +368,15 @@ class CiphertextOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return list(self.view.xattr_names(self._to_view(inode)))
+        """All names, but trusted.* only for root, as ext4 lists them.
+
+        The kernel refuses to read trusted.* values without CAP_SYS_ADMIN
+        but leaves listing to the filesystem; ext4 hides the names too.
+        """
+        names = self.view.xattr_names(self._to_view(inode))
+        if ctx.uid == 0:
+            return list(names)
+        return [n for n in names if not n.startswith(b"trusted.")]
 
     # -- the filesystem -----------------------------------------------------
 

@@ -50,6 +50,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
         acl.write_bytes(b"acl\n")
         os.chmod(acl, 0o600)
         harness.run("setfacl", "-m", "u:nobody:r", acl)
+        os.setxattr(acl, "trusted.note", b"for root's eyes")
         many = m / "many"
         many.mkdir()
         for i in range(1500):
@@ -144,6 +145,16 @@ def _check_permissions(image: Path, mountpoint: Path) -> None:
         assert granted.returncode == 0 and granted.stdout == b"acl\n"
         listed = subprocess.run([*as_nobody, "ls", v.mountpoint / "d"], capture_output=True)
         assert listed.returncode == 0 and b"secret" in listed.stdout
+        # trusted.* names are listed to root only, as ext4 does.
+        assert "trusted.note" in os.listxattr(acl)
+        names = subprocess.run(
+            [*as_nobody, "/usr/bin/python3", "-c", f"import os; print(os.listxattr({str(acl)!r}))"],
+            capture_output=True,
+            text=True,
+        )
+        assert names.returncode == 0, names.stderr
+        assert "system.posix_acl_access" in names.stdout
+        assert "trusted.note" not in names.stdout
         mine = subprocess.run(
             ["setpriv", "--reuid=1234", "--regid=1234", "--clear-groups", "cat", secret],
             capture_output=True,
