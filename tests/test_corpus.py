@@ -151,19 +151,27 @@ def walk_view(fs, deadline: float) -> dict[str, int]:
     return stats
 
 
-def _worker(gz: str) -> None:
-    """Subprocess entry: limit memory, gunzip, walk, print one JSON line."""
+def _worker(path: str) -> None:
+    """Subprocess entry: limit memory, gunzip if needed, walk, print one JSON line."""
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    if not path.endswith(".gz"):
+        print(json.dumps(walk(path)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         image = os.path.join(tmp, "image")
-        with gzip.open(gz, "rb") as src, open(image, "wb") as dst:
+        with gzip.open(path, "rb") as src, open(image, "wb") as dst:
             shutil.copyfileobj(src, dst)
         result = walk(image)
     print(json.dumps(result))
 
 
 def _run_one(name: str) -> dict[str, object]:
-    cmd = [sys.executable, "-m", "tests.test_corpus", str(CORPUS / name)]
+    return run_walker(CORPUS / name)
+
+
+def run_walker(image: Path) -> dict[str, object]:
+    """Walk one image (plain or .gz) in a subprocess with memory and time limits."""
+    cmd = [sys.executable, "-m", "tests.test_corpus", str(image)]
     root = Path(__file__).resolve().parents[1]
     started = time.monotonic()
     try:
