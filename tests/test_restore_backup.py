@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 from ciphertextfs.restore.backup import Kind, TarBackup, TreeBackup, TreeProblem
@@ -70,3 +73,43 @@ def test_side_file_and_symlink_format_errors() -> None:
             assert why in str(e), (bad, str(e))
         else:
             raise AssertionError(bad)
+
+
+def test_crafted_archive_cannot_write_outside_dest(tmp_path: Path) -> None:
+    """Member names that climb out, absolute names, and writes through a symlink."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+
+        def add(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, link
+            data = b"" if kind != tarfile.REGTYPE else b"payload"
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+
+        add("./ok")
+        add("../climb")
+        add(os.fspath(outside / "absolute"))
+        add("./d", tarfile.DIRTYPE)
+        add("./d/../../climb2")
+        add("./link", tarfile.SYMTYPE, os.fspath(outside))
+        add("./link/through")
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(64))
+    dest = tmp_path / "dest"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ciphertextfs", "decrypt", "--key", key, archive, dest],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert list(outside.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "evil.tar", "key", "outside"]
+    assert (dest / "ok").read_bytes() == b"payload"
+    assert os.readlink(dest / "link") == os.fspath(outside)
+    reported = [line for line in proc.stderr.splitlines() if "not restored" in line]
+    for name in ("../climb", "absolute", "d/../../climb2", "link/through"):
+        assert any(name in line for line in reported), (name, proc.stderr)
