@@ -40,18 +40,18 @@ def _xctr(key: bytes, s: bytes, length: int) -> bytes:
     return ecb_encrypt("aes", key, counters)[:length]
 
 
-def _setup(key: bytes, tweak: bytes, data: bytes) -> tuple[bytes, bytes, _Hash]:
+def _setup(key: bytes, tweak: bytes, data: bytes) -> tuple[bytes, _Hash]:
     if len(key) not in (16, 24, 32):
         raise ValueError(f"HCTR2 AES key must be 16, 24 or 32 bytes, not {len(key)}")
     if len(data) < BLOCK_SIZE:
         raise ValueError(f"HCTR2 needs at least {BLOCK_SIZE} bytes, got {len(data)}")
     hl = ecb_encrypt("aes", key, (0).to_bytes(16, "little") + (1).to_bytes(16, "little"))
-    return hl[:16], hl[16:], _Hash(hl[:16], tweak, len(data) - BLOCK_SIZE)
+    return hl[16:], _Hash(hl[:16], tweak, len(data) - BLOCK_SIZE)
 
 
 def hctr2_encrypt(key: bytes, tweak: bytes, data: bytes) -> bytes:
     """Encrypt ``data`` (>= 16 bytes); fscrypt passes a 32-byte tweak and an AES-256 key."""
-    _, big_l, hash_ = _setup(key, tweak, data)
+    big_l, hash_ = _setup(key, tweak, data)
     m, n = data[:BLOCK_SIZE], data[BLOCK_SIZE:]
     mm = (int.from_bytes(m, "little") ^ hash_(n)).to_bytes(16, "little")
     uu = ecb_encrypt("aes", key, mm)
@@ -63,7 +63,7 @@ def hctr2_encrypt(key: bytes, tweak: bytes, data: bytes) -> bytes:
 
 def hctr2_decrypt(key: bytes, tweak: bytes, data: bytes) -> bytes:
     """Invert :func:`hctr2_encrypt`."""
-    _, big_l, hash_ = _setup(key, tweak, data)
+    big_l, hash_ = _setup(key, tweak, data)
     u, v = data[:BLOCK_SIZE], data[BLOCK_SIZE:]
     uu = (int.from_bytes(u, "little") ^ hash_(v)).to_bytes(16, "little")
     mm = ecb_decrypt("aes", key, uu)
