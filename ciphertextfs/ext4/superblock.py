@@ -78,7 +78,6 @@ INCOMPAT_KNOWN = (
 )
 
 EXT4_GOOD_OLD_INODE_SIZE = 128
-EXT4_GOOD_OLD_FIRST_INO = 11
 EXT4_MIN_DESC_SIZE = 32
 EXT4_MIN_DESC_SIZE_64BIT = 64
 EXT4_MAX_BLOCK_LOG_SIZE = 16  # 64 KiB, the largest block size Linux mounts
@@ -282,12 +281,6 @@ class Superblock:
         return self.s_inode_size
 
     @property
-    def first_ino(self) -> int:
-        if self.s_rev_level == 0:
-            return EXT4_GOOD_OLD_FIRST_INO
-        return self.s_first_ino
-
-    @property
     def desc_size(self) -> int:
         return self.s_desc_size if self.is_64bit else EXT4_MIN_DESC_SIZE
 
@@ -311,10 +304,6 @@ class Superblock:
     def backup_bgs(self) -> tuple[int, int]:
         a, b = struct.unpack("<II", self.s_backup_bgs)
         return a, b
-
-    @property
-    def hash_seed(self) -> tuple[int, int, int, int]:
-        return struct.unpack("<4I", self.s_hash_seed)
 
     def checksum_ok(self) -> bool:
         return crc32c(0xFFFFFFFF, self.raw[:0x3FC]) == self.s_checksum

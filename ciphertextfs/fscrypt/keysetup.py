@@ -185,10 +185,6 @@ class MasterKey:
             raise ValueError("inode number out of range")
         return siphash24(self.inode_hash_key(), struct.pack("<Q", ino)) & 0xFFFFFFFF
 
-    def dirhash_key(self, nonce: bytes) -> bytes:
-        """SipHash key for names in encrypted+casefolded directories (v2 only)."""
-        return self.hkdf(HKDF_CONTEXT_DIRHASH_KEY, nonce, 16)
-
 
 @dataclass(frozen=True)
 class FileKey:
