@@ -216,9 +216,13 @@ def write_tree(root: Path, block_size: int, *, small: bool = False) -> Expected:
     os.chown(root / "xattrs/tagged", 1234, 4321)
 
     if not small:
+        # Enough entry bytes (plaintext names of 52..128 bytes, so no name
+        # is past the 149-byte no-key limit) that on 1 KiB blocks the leaves
+        # outgrow the 123 slots of a dx_root even when the kernel packs them
+        # 90% full: the htree must get a second level whatever the hashes.
         add_dir("big")
         for i in range(1100):
-            add_file(f"big/entry-{i:05d}-" + "n" * (i % 90), b"")
+            add_file(f"big/entry-{i:05d}-" + "n" * (40 + i % 77), b"")
     return exp
 
 
