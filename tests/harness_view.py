@@ -72,16 +72,33 @@ def daemon_pids(mountpoint: Path) -> list[int]:
     return found
 
 
+def _task_states(pid: int) -> list[bytes]:
+    """The scheduler state of every thread of process `pid` (empty once it is reaped)."""
+    states = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                states.append(f.read().rsplit(b")", 1)[1].split()[0])
+        except OSError:
+            continue
+    return states
+
+
 def wait_gone(pid: int, timeout: float) -> bool:
-    """Wait until `pid` has exited (or is a zombie nobody reaps)."""
+    """Wait until every thread of `pid` has exited (a zombie nobody reaps counts).
+
+    The thread group leader turns zombie as soon as it is killed, while the
+    worker threads are still exiting and the /dev/fuse descriptor they share
+    is still open: only when the last thread is gone has the kernel ended
+    the FUSE connection.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state in (b"Z", b"X"):
+        if all(state in (b"Z", b"X") for state in _task_states(pid)):
             return True
         time.sleep(0.02)
     return False
