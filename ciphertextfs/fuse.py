@@ -162,6 +162,8 @@ class CiphertextOperations(pyfuse3.Operations):
         self.keep_cache = not getattr(view, "live", False)
         self._limiter = trio.CapacityLimiter(read_threads) if read_threads > 0 else None
         self._dir_handles: dict[int, tuple[int, Sequence[Any]]] = {}
+        self._open_counts: dict[int, int] = {}
+        self._can_store = True
         self._window_inodes: set[int] = set()
         self._window_bytes = 0
         self._drop_limiter = trio.CapacityLimiter(1)
@@ -297,7 +299,33 @@ class CiphertextOperations(pyfuse3.Operations):
         attr = self.view.attr(ino)
         if stat.S_ISDIR(attr.st_mode):
             raise pyfuse3.FUSEError(errno.EISDIR)
+        opened = self._open_counts.get(ino, 0)
+        if opened == 0 and self.keep_cache and not self.direct_io and self._can_store:
+            self._store_small(inode, ino)
+        self._open_counts[ino] = opened + 1
         return pyfuse3.FileInfo(fh=ino, direct_io=self.direct_io, keep_cache=self.keep_cache)
+
+    def _store_small(self, node: int, ino: int) -> None:
+        """Hand a small file's contents to the page cache along with its open.
+
+        The reader's next read() is then answered by the kernel, sparing a
+        backup one FUSE round trip per small file.  Only when nobody else
+        has the file open: a concurrent reader's readahead may hold a page
+        locked until this very loop answers it, and notify_store would wait
+        for that lock forever.  The cache keeps the pages across the open
+        only with keep_cache, so live sources never take this path.
+        """
+        data = self.view.small_contents(ino)
+        if not data:
+            return
+        try:
+            pyfuse3.notify_store(node, 0, data)
+        except OSError as e:
+            if e.errno == errno.ENOSYS:
+                self._can_store = False
+            log.debug("cannot store inode %d in the page cache: %s", ino, e)
+            return
+        self._account_cached(ino, len(data))
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -333,7 +361,10 @@ class CiphertextOperations(pyfuse3.Operations):
             self._window_bytes = 0
 
     async def release(self, fh: int) -> None:
-        """Nothing to do: the page cache is bounded by `_account_cached`."""
+        """Count the close; the page cache is bounded by `_account_cached`."""
+        left = self._open_counts.pop(fh, 1) - 1
+        if left > 0:
+            self._open_counts[fh] = left
 
     def _drop_cache_soon(self, inodes: set[int]) -> None:
         """Drop the kernel's cached pages of `inodes` without waiting for it.

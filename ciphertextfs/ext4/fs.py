@@ -371,25 +371,11 @@ class Filesystem:
                 data = data[: inode.i_size]
             chunk = data[offset : offset + length]
             return chunk + bytes(length - len(chunk))
-        maps, starts = self._mappings(inode)
         bs = self.block_size
         end = offset + length
         first = offset // bs
         last = -(-end // bs)
-        i = max(bisect.bisect_right(starts, first) - 1, 0)
-        runs: list[list[int]] = []  # [logical block, physical block, count]
-        while i < len(maps) and maps[i].lblk < last:
-            m = maps[i]
-            i += 1
-            lo = max(m.lblk, first)
-            hi = min(m.lblk + m.len, last)
-            if hi <= lo or m.unwritten:
-                continue
-            pblk = m.pblk + (lo - m.lblk)
-            if runs and runs[-1][0] + runs[-1][2] == lo and runs[-1][1] + runs[-1][2] == pblk:
-                runs[-1][2] += hi - lo
-            else:
-                runs.append([lo, pblk, hi - lo])
+        runs = self._runs(inode, first, last)
         if len(runs) == 1 and runs[0][0] == first and runs[0][2] == last - first:
             if not self._overlay_keys:
                 # One contiguous run, the usual case for a backup's large
@@ -407,6 +393,90 @@ class Filesystem:
             if self._overlay_keys:
                 self._patch_overlay(out, offset, lblk, pblk, count, fstart, fend)
         return bytes(out)
+
+    def _runs(self, inode: Inode, first: int, last: int) -> list[list[int]]:
+        """[logical block, physical block, count] of the written blocks in [first, last).
+
+        Adjacent extents that are also physically adjacent merge into one
+        run, so that each run is one device request.
+        """
+        maps, starts = self._mappings(inode)
+        i = max(bisect.bisect_right(starts, first) - 1, 0)
+        runs: list[list[int]] = []
+        while i < len(maps) and maps[i].lblk < last:
+            m = maps[i]
+            i += 1
+            lo = max(m.lblk, first)
+            hi = min(m.lblk + m.len, last)
+            if hi <= lo or m.unwritten:
+                continue
+            pblk = m.pblk + (lo - m.lblk)
+            if runs and runs[-1][0] + runs[-1][2] == lo and runs[-1][1] + runs[-1][2] == pblk:
+                runs[-1][2] += hi - lo
+            else:
+                runs.append([lo, pblk, hi - lo])
+        return runs
+
+    def read_files(
+        self, wanted: list[tuple[Inode, int]], *, max_gap: int, max_span: int
+    ) -> dict[int, bytes]:
+        """The first `length` bytes of each (inode, length), in few device requests.
+
+        The small files of one directory usually lie close together on
+        disk: sorted by physical position and merged across gaps of at most
+        `max_gap` bytes into spans of at most `max_span`, a thousand of them
+        cost a few sequential reads instead of a thousand random ones.  What
+        cannot be batched (inline data, journal-patched blocks) or cannot
+        be read is left out of the result; the caller reads it on its own,
+        so each damaged inode still reports its own error.
+        """
+        if self._overlay_keys:
+            return {}
+        bs = self.block_size
+        limit = self.source.size
+        pieces: list[tuple[int, int, int, int]] = []  # device offset, bytes, ino, file offset
+        lengths: dict[int, int] = {}
+        for inode, length in wanted:
+            if length <= 0 or inode.has_inline_data or self._is_fast_symlink(inode):
+                continue
+            try:
+                runs = self._runs(inode, 0, -(-length // bs))
+            except Ext4Error:
+                continue
+            own = []
+            for lblk, pblk, count in runs:
+                start = lblk * bs
+                nbytes = min(count * bs, length - start)
+                if pblk * bs + nbytes > limit:
+                    break
+                own.append((pblk * bs, nbytes, inode.ino, start))
+            else:
+                pieces.extend(own)
+                lengths[inode.ino] = length
+        pieces.sort()
+        spans: list[tuple[int, int, list[tuple[int, int, int, int]]]] = []
+        for piece in pieces:
+            start, nbytes = piece[0], piece[1]
+            if spans:
+                s_start, s_end, members = spans[-1]
+                end = max(s_end, start + nbytes)
+                if start - s_end <= max_gap and end - s_start <= max_span:
+                    spans[-1] = (s_start, end, members)
+                    members.append(piece)
+                    continue
+            spans.append((start, start + nbytes, [piece]))
+        files = {ino: bytearray(length) for ino, length in lengths.items()}
+        failed: set[int] = set()
+        got = self.source.read_data_many([(a, b - a) for a, b, _ in spans], "file data")
+        for (s_start, s_end, members), data in zip(spans, got, strict=True):
+            if data is None:
+                self._warn(f"batched read of bytes {s_start}..{s_end} failed")
+                failed.update(p[2] for p in members)
+                continue
+            view = memoryview(data)
+            for start, nbytes, ino, foff in members:
+                files[ino][foff : foff + nbytes] = view[start - s_start : start - s_start + nbytes]
+        return {ino: bytes(buf) for ino, buf in files.items() if ino not in failed}
 
     def _patch_overlay(
         self, out: bytearray, offset: int, lblk: int, pblk: int, count: int, fs: int, fe: int
