@@ -55,6 +55,16 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
         many.mkdir()
         for i in range(1500):
             (many / f"{i:05d}-{'x' * 90}").touch()
+        # Small files, read ahead in batches and stored in the page cache on
+        # open, mixed with files just above the read-ahead limit and holes.
+        smalls = m / "smalls"
+        smalls.mkdir()
+        for i in range(400):
+            size = (i * 7919) % (80 << 10)
+            with open(smalls / f"s{i:03d}", "wb") as f:
+                if i % 9 == 0:
+                    f.seek(size // 2)
+                f.write(os.urandom(size - f.tell()))
         os.utime(d / "f", ns=(1_000_000_123, 2_000_000_456))
     return img
 
@@ -78,6 +88,18 @@ def test_view_matches_kernel_and_source_unchanged(image: Path, tmp_path: Path) -
     )
     assert "lost+found" in root_ls
     assert file_sha256(image) == before
+
+
+def test_small_file_opened_twice_at_once(image: Path, tmp_path: Path) -> None:
+    """A second open while the first is live reads the same bytes (no page cache store)."""
+    with harness.mounted(image, tmp_path / "k", read_only=True) as (_dev, kmnt):
+        expected = (kmnt / "smalls" / "s005").read_bytes()
+    with view_mount(image, tmp_path / "v") as v:
+        path = v.mountpoint / "smalls" / "s005"
+        with open(path, "rb") as first, open(path, "rb") as second:
+            assert second.read() == expected
+            assert first.read() == expected
+        assert path.read_bytes() == expected
 
 
 def test_statfs_matches_kernel(image: Path, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from ciphertextfs.ext4.errors import CorruptError
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import EXT4_INDEX_FL, Inode
 from ciphertextfs.ext4.superblock import (
@@ -48,6 +49,7 @@ from ciphertextfs.fscrypt.policy import (
     build_context,
     parse_context,
 )
+from ciphertextfs.view.model import View
 from tests import harness, trees
 
 MASTER = {1: MasterKey(trees.TEST_KEY_V1), 2: MasterKey(trees.TEST_KEY_V2)}
@@ -382,6 +384,80 @@ def test_contents_decrypt(case) -> None:
         assert built.keep_size_refusals and all(
             p.endswith("sparse/keep-size") for p in built.keep_size_refusals
         )
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS, indirect=True)
+def test_batched_reads_decrypt(case) -> None:
+    """read_files() returns what fs.read() does, however the requests are merged."""
+    built, tree, fs = case
+    bs = built.block_size
+    wanted = []
+    for rel, data in tree.expected.files.items():
+        inode = fs.inode(tree.objects[rel].ino)
+        ctx, key = _key(fs, inode, for_filenames=False)
+        wanted.append((inode, ctx.ciphertext_size(len(data), bs), key, data))
+    for max_gap, max_span in ((0, bs), (32 << 10, 1 << 20), (1 << 40, 1 << 40)):
+        got = fs.read_files([(i, n) for i, n, _, _ in wanted], max_gap=max_gap, max_span=max_span)
+        assert set(got) == {i.ino for i, n, _, _ in wanted if n}
+        for inode, n, key, data in wanted:
+            if n:
+                assert got[inode.ino] == fs.read(inode, 0, n)
+                assert decrypt_contents(key, got[inode.ino])[: len(data)] == data
+
+
+@pytest.mark.parametrize("case", CASES[:1], ids=CASE_IDS[:1], indirect=True)
+def test_view_reads_a_directory_of_small_files_in_one_batch(case) -> None:
+    """Reading a directory's small files in listing order costs one batched read."""
+    _built, tree, fs = case
+    view = View(fs)
+    sizes = tree.objects["sizes"].ino
+    inos = [e.ino for e in view.entries(sizes) if view.attr(e.ino).st_size]
+    assert len(inos) >= 10
+    device_reads = []
+    read_data = fs.source.read_data
+
+    def counting(offset: int, length: int, what: str = "data") -> bytes:
+        device_reads.append((offset, length))
+        return read_data(offset, length, what)
+
+    fs.source.read_data = counting  # type: ignore[method-assign]
+    try:
+        got = {ino: view.read(ino, 0, view.attr(ino).st_size) for ino in inos}
+        batched = len(device_reads)
+    finally:
+        del fs.source.read_data
+    for ino, data in got.items():
+        assert data == fs.read(fs.inode(ino), 0, len(data))
+    assert 1 <= batched <= 2, device_reads
+
+
+def test_batched_reads_leave_out_what_lies_beyond_the_source(images, tmp_path: Path) -> None:
+    """A file whose blocks are cut off is left to its own read, which fails alone."""
+    built = images("default")
+    tree = built.trees["v2"]
+    with Filesystem.open(built.image) as fs:
+        files = [fs.inode(tree.objects[rel].ino) for rel in tree.expected.files]
+        files = [i for i in files if fs.mappings(i)]
+        last = max(files, key=lambda i: fs.mappings(i)[0].pblk)
+        cut = fs.mappings(last)[0].pblk * fs.block_size
+    copy = tmp_path / "cut.img"
+    with open(built.image, "rb") as src, open(copy, "wb") as dst:
+        dst.write(src.read(cut))
+    with Filesystem.open(copy) as fs:
+        inodes = [fs.inode(i.ino) for i in files]
+        got = fs.read_files([(i, i.i_size) for i in inodes], max_gap=1 << 20, max_span=1 << 30)
+        assert last.ino not in got
+        with pytest.raises(CorruptError):
+            fs.read(fs.inode(last.ino), 0, last.i_size)
+        beyond = {
+            i.ino
+            for i in inodes
+            if any(m.pblk + m.len > cut // fs.block_size for m in fs.mappings(i))
+        }
+        assert set(got) == {i.ino for i in inodes} - beyond
+        for inode in inodes:
+            if inode.ino in got:
+                assert got[inode.ino] == fs.read(inode, 0, inode.i_size)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS, indirect=True)
