@@ -436,8 +436,11 @@ class Filesystem:
         limit = self.source.size
         pieces: list[tuple[int, int, int, int]] = []  # device offset, bytes, ino, file offset
         lengths: dict[int, int] = {}
+        single: dict[int, bool] = {}
         for inode, length in wanted:
-            if length <= 0 or inode.has_inline_data or self._is_fast_symlink(inode):
+            if length <= 0 or inode.ino in lengths:
+                continue
+            if inode.has_inline_data or self._is_fast_symlink(inode):
                 continue
             try:
                 runs = self._runs(inode, 0, -(-length // bs))
@@ -453,6 +456,7 @@ class Filesystem:
             else:
                 pieces.extend(own)
                 lengths[inode.ino] = length
+                single[inode.ino] = len(own) == 1
         pieces.sort()
         spans: list[tuple[int, int, list[tuple[int, int, int, int]]]] = []
         for piece in pieces:
@@ -465,7 +469,8 @@ class Filesystem:
                     members.append(piece)
                     continue
             spans.append((start, start + nbytes, [piece]))
-        files = {ino: bytearray(length) for ino, length in lengths.items()}
+        whole: dict[int, bytes] = {}
+        parts: dict[int, bytearray] = {}
         failed: set[int] = set()
         got = self.source.read_data_many([(a, b - a) for a, b, _ in spans], "file data")
         for (s_start, s_end, members), data in zip(spans, got, strict=True):
@@ -473,10 +478,17 @@ class Filesystem:
                 self._warn(f"batched read of bytes {s_start}..{s_end} failed")
                 failed.update(p[2] for p in members)
                 continue
-            view = memoryview(data)
             for start, nbytes, ino, foff in members:
-                files[ino][foff : foff + nbytes] = view[start - s_start : start - s_start + nbytes]
-        return {ino: bytes(buf) for ino, buf in files.items() if ino not in failed}
+                a = start - s_start
+                if single[ino] and nbytes == lengths[ino]:
+                    whole[ino] = data[a : a + nbytes]
+                    continue
+                buf = parts.get(ino)
+                if buf is None:
+                    buf = parts[ino] = bytearray(lengths[ino])
+                buf[foff : foff + nbytes] = memoryview(data)[a : a + nbytes]
+        whole.update((ino, bytes(buf)) for ino, buf in parts.items())
+        return {ino: data for ino, data in whole.items() if ino not in failed}
 
     def _patch_overlay(
         self, out: bytearray, offset: int, lblk: int, pblk: int, count: int, fs: int, fe: int

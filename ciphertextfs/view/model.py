@@ -69,6 +69,9 @@ READ_AHEAD_SPAN = 1 << 20
 READ_AHEAD_CACHE = 16 << 20
 """Bytes of read-ahead small files the view holds, least recently used out."""
 
+PARENT_HINTS = 1 << 18
+"""Entries whose directory and position the view remembers for read-ahead."""
+
 
 class ViewNotFound(LookupError):
     """No such name in the directory (ENOENT)."""
@@ -143,7 +146,9 @@ class View:
         self.cache_timeout = LIVE_CACHE_TIMEOUT if live else STATIC_CACHE_TIMEOUT
         self._nodes = LRU(65536)
         self._listings = LRU(4096)
-        self._parents = LRU(65536)
+        # ino -> (directory, position in its listing), a hint for read-ahead:
+        # a plain dict, emptied when full, is cheaper than an LRU per entry.
+        self._parents: dict[int, tuple[int, int]] = {}
         self._small = LRU(65536, READ_AHEAD_CACHE)
         self._lock = threading.Lock()
         self._stamp = time.monotonic()
@@ -191,8 +196,9 @@ class View:
             listing = list_directory(self.fs, inode, dir_ino)
             with self._lock:
                 self._listings.put(dir_ino, listing)
-            for position, entry in enumerate(listing.entries):
-                self._parents.put(entry.ino, (dir_ino, position))
+            if len(self._parents) + len(listing.entries) > PARENT_HINTS:
+                self._parents.clear()
+            self._parents.update((e.ino, (dir_ino, i)) for i, e in enumerate(listing.entries))
         return listing
 
     # -- nodes --------------------------------------------------------------
