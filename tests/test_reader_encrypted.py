@@ -431,6 +431,26 @@ def test_view_reads_a_directory_of_small_files_in_one_batch(case) -> None:
     assert 1 <= batched <= 2, device_reads
 
 
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS, indirect=True)
+def test_reads_at_any_offset_agree(case) -> None:
+    """Any slice of a file, aligned or not, across holes and extents, is that slice."""
+    built, tree, fs = case
+    bs = built.block_size
+    for rel in ("sparse/holey", "sparse/prealloc", *(r for r in tree.expected.files if "big" in r)):
+        if rel not in tree.objects:
+            continue
+        inode = fs.inode(tree.objects[rel].ino)
+        size = -(-inode.i_size // bs) * bs + bs
+        whole = fs.read(inode, 0, size)
+        for off in sorted({0, 1, 15, bs - 1, bs, bs + 7, 2 * bs, size // 2, max(size - bs - 3, 0)}):
+            for n in (1, 16, bs, bs + 1, 3 * bs, size):
+                assert fs.read(inode, off, n) == (whole[off : off + n] + bytes(n))[:n], (
+                    rel,
+                    off,
+                    n,
+                )
+
+
 def test_batched_reads_leave_out_what_lies_beyond_the_source(images, tmp_path: Path) -> None:
     """A file whose blocks are cut off is left to its own read, which fails alone."""
     built = images("default")

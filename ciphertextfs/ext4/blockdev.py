@@ -197,14 +197,24 @@ class BlockSource:
         align = self.align
         start = offset - offset % align
         end = -(-(offset + length) // align) * align
-        buf = self._buffer(end - start)
-        view = memoryview(buf)[: end - start]
+        view = memoryview(self._buffer(end - start))[: end - start]
+        if not self._direct_into(view, start, offset - start + length, what):
+            return None
+        return view[offset - start : offset - start + length]
+
+    def _direct_into(self, view: memoryview, start: int, need: int, what: str) -> bool:
+        """Fill the aligned `view` from aligned `start` with O_DIRECT.
+
+        At least `need` bytes must arrive (the end of the source may cut
+        the last aligned block short); False after falling back.
+        """
+        align = self.align
         got = 0
         try:
-            while got < end - start:
+            while got < len(view):
                 fd = self._direct_fd
                 if fd is None:
-                    return None
+                    return False
                 n = os.preadv(fd, [view[got:]], start + got)
                 if n <= 0:
                     break
@@ -215,7 +225,45 @@ class BlockSource:
             if e.errno != errno.EINVAL:
                 raise
             self._fall_back(f"O_DIRECT read failed ({e.strerror})")
-            return None
-        if got < offset - start + length:
+            return False
+        if got < need:
             raise CorruptError(f"{what}: short read at byte {start + got}")
-        return view[offset - start : offset - start + length]
+        return True
+
+    def read_scattered(
+        self, length: int, pieces: Sequence[tuple[int, int, int]], what: str = "data"
+    ) -> bytes:
+        """`length` bytes made of (position, source offset, bytes) pieces, zeros elsewhere.
+
+        A file's extents seldom line up with a reader's request, so one
+        request often spans several of them.  Where the pieces are aligned
+        they are read straight into place in one O_DIRECT buffer and copied
+        out once, instead of once per piece and again for the whole.
+        """
+        for _pos, offset, n in pieces:
+            self._check_range(offset, n, what)
+        align = self.align
+        order = sorted(pieces)
+        total = -(-length // align) * align
+        aligned = all(
+            pos % align == 0 and offset % align == 0 and (n % align == 0 or pos + n == length)
+            for pos, offset, n in order
+        ) and all(a[0] + a[2] <= b[0] for a, b in zip(order, order[1:], strict=False))
+        if self._direct_fd is not None and aligned and total <= DIRECT_CHUNK:
+            view = memoryview(self._buffer(total))[:total]
+            done = 0
+            for pos, offset, n in order:
+                if pos > done:
+                    view[done:pos] = bytes(pos - done)
+                span = -(-n // align) * align
+                if not self._direct_into(view[pos : pos + span], offset, n, what):
+                    break
+                done = pos + n
+            else:
+                if done < length:
+                    view[done:length] = bytes(length - done)
+                return bytes(view[:length])
+        out = bytearray(length)
+        for pos, offset, n in pieces:
+            out[pos : pos + n] = self.read_data(offset, n, what)
+        return bytes(out)

@@ -383,15 +383,18 @@ class Filesystem:
                 # cost more than the device read itself (bench_view).
                 pstart = runs[0][1] * bs + (offset - first * bs)
                 return self.source.read_data(pstart, length, f"inode {inode.ino} data")
-        out = bytearray(length)
+        pieces = []
         for lblk, pblk, count in runs:
             fstart = max(lblk * bs, offset)
             fend = min((lblk + count) * bs, end)
-            pstart = pblk * bs + (fstart - lblk * bs)
-            data = self.source.read_data(pstart, fend - fstart, f"inode {inode.ino} data")
-            out[fstart - offset : fend - offset] = data
-            if self._overlay_keys:
-                self._patch_overlay(out, offset, lblk, pblk, count, fstart, fend)
+            pieces.append((fstart - offset, pblk * bs + (fstart - lblk * bs), fend - fstart))
+        what = f"inode {inode.ino} data"
+        if not self._overlay_keys:
+            return self.source.read_scattered(length, pieces, what)
+        out = bytearray(length)
+        for (pos, pstart, n), (lblk, pblk, count) in zip(pieces, runs, strict=True):
+            out[pos : pos + n] = self.source.read_data(pstart, n, what)
+            self._patch_overlay(out, offset, lblk, pblk, count, pos + offset, pos + offset + n)
         return bytes(out)
 
     def _runs(self, inode: Inode, first: int, last: int) -> list[list[int]]:
