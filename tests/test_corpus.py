@@ -115,7 +115,8 @@ def walk_view(fs, deadline: float) -> dict[str, int]:
 
     from ciphertextfs.ext4.errors import CorruptError
     from ciphertextfs.fscrypt.errors import FscryptError
-    from ciphertextfs.view.model import SMALL_FILE, View, ViewNoAttr, ViewNotFound
+    from ciphertextfs.view.model import View, ViewNoAttr, ViewNotFound
+    from ciphertextfs.view.readahead import SMALL_FILE
 
     view = View(fs)
     stats = {"view_entries": 0, "view_eio": 0}

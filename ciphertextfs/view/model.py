@@ -36,6 +36,7 @@ from ciphertextfs.view.names import (
     list_directory,
     side_file_ino,
 )
+from ciphertextfs.view.readahead import ReadAhead, is_small
 from ciphertextfs.view.xattrs import fscrypt_context_raw, passthrough_xattrs
 
 __all__ = ["Attr", "Entry", "View", "ViewNoAttr", "ViewNotFound", "SIDE_FILE_NAME"]
@@ -47,30 +48,6 @@ STATIC_CACHE_TIMEOUT = 3600.0
 
 LIVE_CACHE_TIMEOUT = 1.0
 """A mounted filesystem does: keep what the kernel and the view cache short."""
-
-SMALL_FILE = 64 << 10
-"""Files up to this view size are read ahead with their directory's others."""
-
-READ_AHEAD_BYTES = 4 << 20
-"""File bytes one batched read-ahead fetches, at most."""
-
-READ_AHEAD_FILES = 1024
-"""Files one batched read-ahead fetches, at most."""
-
-READ_AHEAD_SCAN = 4096
-"""Directory entries one read-ahead looks at, at most, for small files."""
-
-READ_AHEAD_GAP = 32 << 10
-"""Unwanted bytes between two small files that a batched read still reads over."""
-
-READ_AHEAD_SPAN = 1 << 20
-"""The longest single device request of a batched read-ahead."""
-
-READ_AHEAD_CACHE = 16 << 20
-"""Bytes of read-ahead small files the view holds, least recently used out."""
-
-PARENT_HINTS = 1 << 18
-"""Entries whose directory and position the view remembers for read-ahead."""
 
 
 class ViewNotFound(LookupError):
@@ -146,10 +123,7 @@ class View:
         self.cache_timeout = LIVE_CACHE_TIMEOUT if live else STATIC_CACHE_TIMEOUT
         self._nodes = LRU(65536)
         self._listings = LRU(4096)
-        # ino -> (directory, position in its listing), a hint for read-ahead:
-        # a plain dict, emptied when full, is cheaper than an LRU per entry.
-        self._parents: dict[int, tuple[int, int]] = {}
-        self._small = LRU(65536, READ_AHEAD_CACHE)
+        self._ahead = ReadAhead(fs, self.attr, self._inode, self._listings.get)
         self._lock = threading.Lock()
         self._stamp = time.monotonic()
 
@@ -169,10 +143,9 @@ class View:
             with self._lock:
                 self._nodes.clear()
                 self._listings.clear()
-                self._parents.clear()
-                self._small.clear()
                 self.fs.drop_caches()
                 self._stamp = now
+            self._ahead.clear()
 
     def _inode(self, ino: int) -> Inode:
         return self.fs.inode(ino)
@@ -196,9 +169,7 @@ class View:
             listing = list_directory(self.fs, inode, dir_ino)
             with self._lock:
                 self._listings.put(dir_ino, listing)
-            if len(self._parents) + len(listing.entries) > PARENT_HINTS:
-                self._parents.clear()
-            self._parents.update((e.ino, (dir_ino, i)) for i, e in enumerate(listing.entries))
+            self._ahead.note_listing(dir_ino, listing)
         return listing
 
     # -- nodes --------------------------------------------------------------
@@ -321,63 +292,13 @@ class View:
             return data[offset : offset + length]
         return self.fs.read(self._inode(ino), offset, length)
 
-    # -- read-ahead of small files ----------------------------------------------
-
     def small_contents(self, ino: int) -> bytes | None:
         """The whole view contents of a small regular file, read ahead with its neighbours.
 
         None for anything else, and for a small file that could not be read
         ahead (it is then read on its own, and reports its own error).
-
-        A backup reads a directory's files one after the other in listing
-        order, and each small file alone would cost one random device read
-        (bench_view: most of a small file's time in the view).  So the first
-        small file read from a directory also fetches the next ones in
-        listing order, with a few large requests, for the reads to come.
-        The key holds what identifies the inode's contents, so that on a
-        live source a file changed since is read again.
         """
         attr = self._node(ino).attr
-        if not stat.S_ISREG(attr.st_mode) or not 0 < attr.st_size <= SMALL_FILE:
+        if not is_small(attr):
             return None
-        key = (ino, attr.generation, attr.st_ctime_ns, attr.st_mtime_ns, attr.st_size)
-        data = self._small.get(key)
-        if data is None:
-            self._read_ahead(ino)
-            data = self._small.get(key)
-        return data
-
-    def _read_ahead(self, ino: int) -> None:
-        where = self._parents.get(ino)
-        if where is None:
-            return
-        dir_ino, position = where
-        listing = self._listings.get(dir_ino)
-        if listing is None or position >= len(listing.entries):
-            return
-        entries = listing.entries
-        wanted: list[tuple[Inode, int]] = []
-        keys: dict[int, tuple[int, ...]] = {}
-        total = 0
-        for k in range(min(len(entries), READ_AHEAD_SCAN)):
-            child = entries[(position + k) % len(entries)].ino
-            if child in keys or is_side_ino(child):
-                continue
-            try:
-                a = self._node(child).attr
-                if not stat.S_ISREG(a.st_mode) or a.st_size > SMALL_FILE or a.st_size == 0:
-                    continue
-                inode = self._inode(child)
-            except Exception:  # noqa: BLE001 - its own read reports it
-                continue
-            key = (child, a.generation, a.st_ctime_ns, a.st_mtime_ns, a.st_size)
-            if child != ino and self._small.get(key) is not None:
-                continue
-            wanted.append((inode, a.st_size))
-            keys[child] = key
-            total += a.st_size
-            if total >= READ_AHEAD_BYTES or len(wanted) >= READ_AHEAD_FILES:
-                break
-        got = self.fs.read_files(wanted, max_gap=READ_AHEAD_GAP, max_span=READ_AHEAD_SPAN)
-        for child, data in got.items():
-            self._small.put(keys[child], data, len(data))
+        return self._ahead.contents(ino, attr)
