@@ -41,6 +41,14 @@ cost less than the hand-off to a thread (20,000 small files: 8 s against
 16 s with every read in a thread and a per-file invalidation on release).
 libfuse's max_read option cannot be used: pyfuse3 has no way to set the
 matching conn->max_read and libfuse then refuses to mount.
+
+Small files (view size up to 64 KiB) are read ahead a directory batch at a
+time by the view (`ciphertextfs.view.readahead`), and open() hands their
+whole contents to the page cache with notify_store before it answers: the
+reader's read() is then served by the kernel, so a small file costs two
+FUSE requests (open, release) instead of three.  20,000 small files, tar
+over the view: 8.4 s with a device read and a FUSE read per file, 5.6 s
+with the batched read-ahead, 4.3 s with the store on open.
 """
 
 from __future__ import annotations
