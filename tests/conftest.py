@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests import harness
+
+# Tests match the messages of ls, tar, rsync and the C library: in English.
+os.environ["LC_ALL"] = "C"
+os.environ.pop("LANGUAGE", None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -92,12 +92,22 @@ def loop_device(image: Path, *, read_only: bool = False) -> Iterator[str]:
 
 
 def detach_loop(dev: str) -> None:
-    """Detach a loop device, waiting out a brief busy period after umount."""
+    """Detach a loop device, waiting out a brief busy period after umount.
+
+    While someone (udev's blkid probe, say) still has the device open,
+    `losetup -d` only marks it for detaching when they close it: wait for
+    the backing file to go, so that the device is really free on return.
+    """
     for _ in range(50):
         if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
-            return
+            break
         time.sleep(0.1)
-    subprocess.run(["losetup", "-d", dev], check=True)
+    else:
+        subprocess.run(["losetup", "-d", dev], check=True)
+    backing = Path("/sys/block") / os.path.basename(dev) / "loop" / "backing_file"
+    deadline = time.monotonic() + 10
+    while backing.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def unmount(mountpoint: Path) -> None:

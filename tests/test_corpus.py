@@ -29,12 +29,12 @@ if not CORPUS.is_dir():
 IMAGES = sorted(p.name for p in CORPUS.glob("*.img.gz")) if CORPUS.is_dir() else []
 
 MEMORY_LIMIT = 1 << 30  # address space per worker
-WALK_DEADLINE = 20.0  # seconds of walking per image before it counts as a hang
-PROCESS_TIMEOUT = 40.0
+WALK_DEADLINE = 60.0  # seconds of walking per image before it counts as a hang
+PROCESS_TIMEOUT = 120.0
 FILE_CAP = 64 << 20
 TOTAL_CAP = 512 << 20
 READ_CHUNK = 8 << 20
-WORKERS = 3
+WORKERS = min(3, os.cpu_count() or 1)
 
 
 class Hang(Exception):

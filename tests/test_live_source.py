@@ -20,7 +20,7 @@ from tests.harness_view import view_mount
 from tests.trees import POLICY, keys_added
 
 
-def _wait_for(predicate, timeout: float = 5.0) -> bool:
+def _wait_for(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -428,7 +428,8 @@ def test_view_reads_a_directory_of_small_files_in_one_batch(case) -> None:
         del fs.source.read_data
     for ino, data in got.items():
         assert data == fs.read(fs.inode(ino), 0, len(data))
-    assert 1 <= batched <= 2, device_reads
+    # One request per run of adjacent files: fewer than half a request per file.
+    assert 1 <= batched < len(inos) // 2, device_reads
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS, indirect=True)

@@ -17,7 +17,7 @@ import pytest
 
 from ciphertextfs.fscrypt import kernel
 from ciphertextfs.fscrypt.keysetup import MasterKey
-from tests import harness
+from tests import trees
 from tests.harness_restore import make_view_copy, walk
 
 PY = [sys.executable, "-m", "ciphertextfs", "decrypt"]
@@ -82,8 +82,7 @@ def backup(ext4, tmp_path: Path):
         os.symlink("fscrypt:1:not:encrypted", mnt / "plain" / "lookalike")
         orig = tmp_path / "orig"
         subprocess.run(["cp", "-a", mnt, orig], check=True)
-        kernel.remove_key(mnt, ident)
-        harness.drop_caches()
+        trees.lock(mnt, {2: ident})
         copy = make_view_copy(image, mnt, tmp_path / "copy")
     return orig, copy, keyfile, ident
 
@@ -289,8 +288,7 @@ def test_policies_into_encrypted_dest(ext4, tmp_path: Path, policy: str) -> None
         os.symlink("a", enc / "d" / "s")
         orig = tmp_path / "orig"
         subprocess.run(["cp", "-a", enc, orig], check=True)
-        kernel.remove_key(mnt, spec, all_users=True)
-        harness.drop_caches()
+        trees.lock(mnt, {2: spec})
         copy = make_view_copy(image, mnt, tmp_path / "copy")
     with ext4(name="dest", size_mb=32) as (_i, _d, dmnt):
         ident = kernel.add_key(dmnt, raw)

@@ -9,6 +9,7 @@ what the kernel itself shows.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -76,12 +77,26 @@ def keys_added(mnt: Path) -> Iterator[dict[int, bytes]]:
 
 
 def lock(mnt: Path, keys: dict[int, bytes]) -> None:
-    """Remove both keys so every encrypted directory shows no-key names."""
+    """Remove both keys so every encrypted directory shows no-key names.
+
+    A key whose files are still in use (an inode someone holds) is only
+    partly removed and its directories would keep showing plaintext names;
+    a second removal after dropping the caches finishes the job, and the
+    key's status must then say it is gone.
+    """
     os.sync()
     for spec in keys.values():
-        with contextlib.suppress(OSError):
-            kernel.remove_key(mnt, spec, all_users=True)
-    harness.drop_caches()
+        for _attempt in range(3):
+            try:
+                kernel.remove_key(mnt, spec, all_users=True)
+            except OSError as e:
+                if e.errno != errno.ENOKEY:
+                    raise
+            harness.drop_caches()
+            if kernel.key_status(mnt, spec).status == kernel.FSCRYPT_KEY_STATUS_ABSENT:
+                break
+        else:
+            raise AssertionError(f"key {spec.hex()} still present after removal")
 
 
 def ascii_name(n: int, tag: str = "") -> str:
