@@ -180,12 +180,12 @@ def cold_cache_with_host_file(host_file: Path) -> None:
     subprocess.run(["cat", os.fspath(host_file)], stdout=subprocess.DEVNULL, check=True)
 
 
-def measure_tar(directory: Path, host_file: Path) -> Sample:
+def measure_tar(directory: Path, host_file: Path, tar_options: tuple[str, ...] = ()) -> Sample:
     cold_cache_with_host_file(host_file)
     host_before = common.fincore_bytes(host_file)
     drops = common.drop_pagecache_count()
     with common.memcg(f"ctfs-bench-{os.getpid()}") as (cg, usage):
-        seconds = common.timed(common.tar_pipeline(directory, cg))
+        seconds = common.timed(common.tar_pipeline(directory, cg, tar_options))
         used = usage()
     return Sample(
         seconds,
@@ -240,7 +240,13 @@ def profiler(pid: int, out: Path | None):
 
 
 def run_all(
-    dev: str, work: Path, layout: Layout, runs: int, profile_dir: Path | None, log
+    dev: str,
+    work: Path,
+    layout: Layout,
+    runs: int,
+    profile_dir: Path | None,
+    log,
+    tar_options: tuple[str, ...] = (),
 ) -> dict[tuple[str, str], list[Sample]]:
     host_file = work / "host-file"
     ensure_host_file(host_file)
@@ -254,11 +260,11 @@ def run_all(
                 if profile_dir is not None and r == 0:
                     prof = profile_dir / f"py-spy-{w}.txt"
                 with profiler(vm.pid, prof):
-                    s = measure_tar(vmnt / f"enc-{w}", host_file)
+                    s = measure_tar(vmnt / f"enc-{w}", host_file, tar_options)
             results.setdefault((w, "view"), []).append(s)
             log(f"  run {r + 1} {w:5} view {s.seconds:7.2f} s")
             with kernel_mount(dev, kmnt):
-                s = measure_tar(kmnt / f"plain-{w}", host_file)
+                s = measure_tar(kmnt / f"plain-{w}", host_file, tar_options)
             results.setdefault((w, "ext4"), []).append(s)
             log(f"  run {r + 1} {w:5} ext4 {s.seconds:7.2f} s")
             s = measure_dd(dev, getattr(layout, f"{w}_bytes"))
@@ -353,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", type=Path, metavar="DIR", help="reuse the image built in DIR")
     p.add_argument("--keep", action="store_true", help="keep the image for --reuse")
     p.add_argument("--profile", action="store_true", help="py-spy the daemon in the first run")
+    p.add_argument(
+        "--xattrs",
+        action="store_true",
+        help="time tar --xattrs (what a real backup runs) instead of plain tar",
+    )
     common.add_common_arguments(p)
     args = p.parse_args(argv)
 
@@ -374,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                 meta.write_text(json.dumps(asdict(layout)))
             profile_dir = work if args.profile else None
             with common.loop_device(image, read_only=True) as dev:
-                results = run_all(dev, work, layout, args.runs, profile_dir, log)
+                tar_options = ("--xattrs",) if args.xattrs else ()
+                results = run_all(dev, work, layout, args.runs, profile_dir, log, tar_options)
         finally:
             if not args.keep and not args.reuse:
                 for f in (image, meta, work / "host-file"):
@@ -390,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         f"directories ({layout.small_bytes / MIB:.0f} MiB); fscrypt v2 AES-256-XTS, "
         f"4 KiB blocks; image {layout.image_mib} MiB on a loop device with direct I/O"
     )
+    out(f"- tar command: tar {'--xattrs ' if args.xattrs else ''}-cf - DIR | cat >/dev/null")
     if layout.build:
         built = ", ".join(f"{k} {v:.1f} s" for k, v in layout.build.items())
         out(f"- build through the kernel ({args.threads} writer threads, fsync each): {built}")

@@ -115,12 +115,15 @@ def timed(argv: Sequence[str]) -> float:
     return dt
 
 
-def tar_pipeline(directory: Path, cgroup: Path | None = None) -> list[str]:
+def tar_pipeline(
+    directory: Path, cgroup: Path | None = None, tar_options: tuple[str, ...] = ()
+) -> list[str]:
     """`tar -cf - DIR | cat >/dev/null`: GNU tar skips reading files with -f /dev/null.
 
     With `cgroup`, the pipeline runs in that memory cgroup, so the page cache
     its reads bring in is charged there and can be told apart from whatever
-    else the machine caches meanwhile.
+    else the machine caches meanwhile.  `tar_options` go before -cf
+    (--xattrs, say).
     """
     enter = 'echo $$ > "$3/cgroup.procs" && ' if cgroup is not None else ""
     return [
@@ -128,11 +131,12 @@ def tar_pipeline(directory: Path, cgroup: Path | None = None) -> list[str]:
         "-o",
         "pipefail",
         "-c",
-        enter + 'tar -C "$1" -cf - "$2" | cat >/dev/null',
+        enter + 'tar -C "$1" "${@:4}" -cf - "$2" | cat >/dev/null',
         "tar",
         os.fspath(directory.parent),
         directory.name,
         os.fspath(cgroup) if cgroup is not None else "",
+        *tar_options,
     ]
 
 
