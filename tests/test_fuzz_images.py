@@ -6,7 +6,10 @@ plain trees, htree directories, xattrs, symlinks) gets a few random bytes
 changed in its used blocks -- superblock, descriptors, inode tables,
 directories, extent and xattr blocks alike -- and is walked through the
 reader and the view model in a subprocess with memory and time limits.
-The seeds are fixed, so a failure names a reproducible image.
+The base image differs from run to run (random file data, fscrypt nonces,
+UUID), so a seed alone does not replay a failure: a failure names the
+damaged image, which stays in pytest's temporary directory (the last three
+runs are kept) to be walked again with `python -m tests.test_corpus IMAGE`.
 """
 
 from __future__ import annotations
@@ -67,7 +70,9 @@ def test_random_damage_costs_objects_not_the_walk(pristine, tmp_path: Path) -> N
         images.append(path)
     with ThreadPoolExecutor(WORKERS) as pool:
         results = dict(zip(SEEDS, pool.map(run_walker, images), strict=True))
-    bad = {s: r for s, r in results.items() if r["outcome"] not in ("walked", "not-ext4")}
+    bad = {
+        str(images[s]): r for s, r in results.items() if r["outcome"] not in ("walked", "not-ext4")
+    }
     assert not bad, json.dumps(bad, indent=1)
     # The damage must reach objects the walk meets, or the test proves nothing.
     assert sum(int(r.get("corrupt", 0)) + int(r.get("view_eio", 0)) for r in results.values()) > 0
