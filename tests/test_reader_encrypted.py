@@ -452,6 +452,31 @@ def test_reads_at_any_offset_agree(case) -> None:
                 )
 
 
+def test_read_ahead_tries_each_file_once(kernel, tmp_path: Path) -> None:
+    """Files a batch cannot fetch (inline data here) are read alone, without rescans."""
+    image = harness.mkfs(tmp_path / "inline.img", size_mb=8, features=("inline_data",))
+    with harness.mounted(image, tmp_path / "mnt") as (_dev, mnt):
+        (mnt / "d").mkdir()
+        for i in range(40):
+            (mnt / "d" / f"f{i}").write_bytes(os.urandom(1 + i * (150 if i % 2 else 1)))
+    with Filesystem.open(image) as fs:
+        view = View(fs)
+        d = view.lookup(2, b"d")
+        inos = [e.ino for e in view.entries(d)]
+        assert sum(fs.inode(ino).has_inline_data for ino in inos) >= 10
+        batches = []
+        read_files = fs.read_files
+
+        def counting(wanted, **kw):
+            batches.append(len(wanted))
+            return read_files(wanted, **kw)
+
+        fs.read_files = counting  # type: ignore[method-assign]
+        for ino in inos:
+            assert view.read(ino, 0, 1 << 20) == fs.read(fs.inode(ino), 0, view.attr(ino).st_size)
+        assert batches == [len(inos)], batches
+
+
 def test_batched_reads_leave_out_what_lies_beyond_the_source(images, tmp_path: Path) -> None:
     """A file whose blocks are cut off is left to its own read, which fails alone."""
     built = images("default")

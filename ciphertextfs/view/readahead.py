@@ -87,6 +87,10 @@ class ReadAhead:
         self._inode = inode
         self._listing = listing
         self._cache = LRU(65536, CACHE_BYTES)
+        # Keys a batch already tried: one that came back without them
+        # (inline data, a journal-patched image, damage) must not make every
+        # later read rescan the directory.
+        self._tried = LRU(65536)
         # ino -> (directory, position in its listing); a plain dict, emptied
         # when full, is cheaper than an LRU insertion per entry.
         self._parents: dict[int, tuple[int, int]] = {}
@@ -100,13 +104,14 @@ class ReadAhead:
     def clear(self) -> None:
         """Forget everything fetched (a live source's caches expired)."""
         self._cache.clear()
+        self._tried.clear()
         self._parents.clear()
 
     def contents(self, ino: int, attr: Attr) -> bytes | None:
         """The whole view contents of small file `ino`, fetched with its neighbours if need be."""
         key = contents_key(ino, attr)
         data = self._cache.get(key)
-        if data is None:
+        if data is None and self._tried.get(key) is None:
             where = self._parents.get(ino)
             if where is not None:
                 self._batch(*where)
@@ -131,7 +136,7 @@ class ReadAhead:
                 if not is_small(a):
                     continue
                 key = contents_key(child, a)
-                if self._cache.get(key) is not None:
+                if self._cache.get(key) is not None or self._tried.get(key) is not None:
                     continue
                 wanted.append((self._inode(child), a.st_size))
             except Exception:  # noqa: BLE001 - its own read reports it
@@ -140,6 +145,8 @@ class ReadAhead:
             total += a.st_size
             if total >= BATCH_BYTES or len(wanted) >= BATCH_FILES:
                 break
+        for key in keys.values():
+            self._tried.put(key, True)
         got = self._fs.read_files(wanted, max_gap=GAP, max_span=SPAN)
         for child, data in got.items():
             self._cache.put(keys[child], data, len(data))
