@@ -323,7 +323,11 @@ class CiphertextOperations(pyfuse3.Operations):
         for that lock forever.  The cache keeps the pages across the open
         only with keep_cache, so live sources never take this path.
         """
-        data = self.view.small_contents(ino)
+        try:
+            data = self.view.small_contents(ino)
+        except Exception as e:  # noqa: BLE001 - only an optimisation: read() reports damage
+            log.debug("inode %d: no read-ahead: %s", ino, e)
+            return
         if not data:
             return
         try:
