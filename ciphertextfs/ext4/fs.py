@@ -376,13 +376,6 @@ class Filesystem:
         first = offset // bs
         last = -(-end // bs)
         runs = self._runs(inode, first, last)
-        if len(runs) == 1 and runs[0][0] == first and runs[0][2] == last - first:
-            if not self._overlay_keys:
-                # One contiguous run, the usual case for a backup's large
-                # reads: no zero-filled buffer and no second copy, which
-                # cost more than the device read itself (bench_view).
-                pstart = runs[0][1] * bs + (offset - first * bs)
-                return self.source.read_data(pstart, length, f"inode {inode.ino} data")
         pieces = []
         for lblk, pblk, count in runs:
             fstart = max(lblk * bs, offset)
