@@ -27,7 +27,7 @@ import pytest
 
 from ciphertextfs.fscrypt import crypto, fname, kernel, keysetup, nokey, policy
 from ciphertextfs.fscrypt.errors import FscryptError
-from tests import harness
+from tests import harness, trees
 
 XTS, CTS = policy.FSCRYPT_MODE_AES_256_XTS, policy.FSCRYPT_MODE_AES_256_CTS
 LBLK64, LBLK32 = (
@@ -293,17 +293,8 @@ def _file_key(built: Built, case: Case, ctx: policy.FscryptContext, ino: int, fi
 
 
 def _expected_context(case: Case, nonce: bytes) -> policy.FscryptContext:
-    kp = case.kpolicy
-    assert kp is not None
-    return policy.build_context(
-        1 if kp.version == policy.FSCRYPT_POLICY_V1 else 2,
-        kp.key_spec,
-        nonce,
-        contents_mode=kp.contents_mode,
-        filenames_mode=kp.filenames_mode,
-        flags=kp.flags,
-        log2_data_unit_size=kp.log2_data_unit_size,
-    )
+    assert case.kpolicy is not None
+    return trees.kernel_context(case.kpolicy, nonce)
 
 
 def _make(tmp_path_factory: pytest.TempPathFactory, tag: str, **kw) -> tuple[Built, Debugfs]:

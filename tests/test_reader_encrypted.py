@@ -39,20 +39,12 @@ from ciphertextfs.fscrypt.fname import (
     encrypted_name_size,
     parse_symlink_body,
 )
-from ciphertextfs.fscrypt.keysetup import MasterKey, derive_file_key
 from ciphertextfs.fscrypt.nokey import parse_nokey_name
 from ciphertextfs.fscrypt.policy import (
     EXT4_XATTR_INDEX_ENCRYPTION,
-    EXT4_XATTR_NAME_ENCRYPTION_CONTEXT,
-    FSCRYPT_POLICY_V1,
-    FscryptContext,
-    build_context,
-    parse_context,
 )
 from ciphertextfs.view.model import View
 from tests import harness, trees
-
-MASTER = {1: MasterKey(trees.TEST_KEY_V1), 2: MasterKey(trees.TEST_KEY_V2)}
 
 _INO_POLICIES = {"v2-ino64", "v2-ino32"}
 
@@ -244,41 +236,6 @@ def case(images, request) -> Iterator[tuple[Built, Tree, Filesystem]]:
         fs.close()
 
 
-def _context(fs: Filesystem, inode: Inode) -> tuple[bytes, FscryptContext]:
-    raw = [
-        x.value
-        for x in fs.xattrs(inode)
-        if x.name_index == EXT4_XATTR_INDEX_ENCRYPTION
-        and x.name == EXT4_XATTR_NAME_ENCRYPTION_CONTEXT
-    ]
-    assert len(raw) == 1, f"inode {inode.ino}: {len(raw)} encryption contexts"
-    return raw[0], parse_context(raw[0])
-
-
-def _key(fs: Filesystem, inode: Inode, *, for_filenames: bool):
-    _raw, ctx = _context(fs, inode)
-    return ctx, derive_file_key(
-        MASTER[ctx.version],
-        ctx,
-        ino=inode.ino,
-        fs_uuid=fs.uuid,
-        for_filenames=for_filenames,
-        block_size=fs.block_size,
-    )
-
-
-def _expected_context(policy: kernel.KernelPolicy, nonce: bytes) -> FscryptContext:
-    return build_context(
-        1 if policy.version == FSCRYPT_POLICY_V1 else 2,
-        policy.key_spec,
-        nonce,
-        contents_mode=policy.contents_mode,
-        filenames_mode=policy.filenames_mode,
-        flags=policy.flags,
-        log2_data_unit_size=policy.log2_data_unit_size,
-    )
-
-
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS, indirect=True)
 def test_listing_matches_locked_kernel(case) -> None:
     """read_dir() of each encrypted directory against the kernel's no-key listing."""
@@ -327,11 +284,11 @@ def test_contexts_match_kernel(case) -> None:
             assert not any(x.name_index == EXT4_XATTR_INDEX_ENCRYPTION for x in fs.xattrs(inode))
             continue
         assert inode.is_encrypted, rel
-        raw, ctx = _context(fs, inode)
+        raw, ctx = trees.on_disk_context(fs, inode)
         nonces[obj.ino] = ctx.nonce
         if obj.policy is not None:
             assert obj.nonce is not None
-            want = _expected_context(obj.policy, obj.nonce)
+            want = trees.kernel_context(obj.policy, obj.nonce)
             assert ctx.version == want.version
             assert ctx.contents_mode == want.contents_mode
             assert ctx.filenames_mode == want.filenames_mode
@@ -345,13 +302,13 @@ def test_contexts_match_kernel(case) -> None:
             # its nonce is proven by test_symlinks_decrypt.
             parent = tree.objects[obj.parent]
             assert parent.policy is not None
-            want = _expected_context(parent.policy, ctx.nonce)
+            want = trees.kernel_context(parent.policy, ctx.nonce)
             assert raw == want.to_bytes()
         assert ctx.version == want_policy.version
         assert ctx.flags == want_policy.flags
         assert ctx.log2_data_unit_size == want_policy.log2_data_unit_size
         if ctx.version == 2:
-            assert ctx.key_spec == MASTER[2].identifier
+            assert ctx.key_spec == trees.MASTER_KEYS[2].identifier
         else:
             assert ctx.key_spec == trees.TEST_KEY_V1_DESCRIPTOR
     assert len(set(nonces.values())) == len(nonces)
@@ -366,7 +323,7 @@ def test_contents_decrypt(case) -> None:
         inode = fs.inode(tree.objects[rel].ino)
         assert inode.is_reg and inode.is_encrypted, rel
         assert inode.i_size == len(data), rel
-        ctx, key = _key(fs, inode, for_filenames=False)
+        ctx, key = trees.file_key(fs, inode, for_filenames=False)
         ct = fs.read(inode, 0, ctx.ciphertext_size(len(data), bs))
         plain = decrypt_contents(key, ct)
         assert plain[: len(data)] == data, rel
@@ -394,7 +351,7 @@ def test_batched_reads_decrypt(case) -> None:
     wanted = []
     for rel, data in tree.expected.files.items():
         inode = fs.inode(tree.objects[rel].ino)
-        ctx, key = _key(fs, inode, for_filenames=False)
+        ctx, key = trees.file_key(fs, inode, for_filenames=False)
         wanted.append((inode, ctx.ciphertext_size(len(data), bs), key, data))
     for max_gap, max_span in ((0, bs), (32 << 10, 1 << 20), (1 << 40, 1 << 40)):
         got = fs.read_files([(i, n) for i, n, _, _ in wanted], max_gap=max_gap, max_span=max_span)
@@ -512,7 +469,7 @@ def test_names_decrypt(case) -> None:
     _built, tree, fs = case
     for dir_ino, plain in tree.plain.items():
         dinode = fs.inode(dir_ino)
-        ctx, key = _key(fs, dinode, for_filenames=True)
+        ctx, key = trees.file_key(fs, dinode, for_filenames=True)
         entries = fs.read_dir(dinode)
         got = {}
         for e in entries:
@@ -534,7 +491,7 @@ def test_symlinks_decrypt(case) -> None:
         body = fs.symlink_body(inode)
         assert len(body) == inode.i_size
         kinds.add(bool(fs.mappings(inode)))
-        _ctx, key = _key(fs, inode, for_filenames=True)
+        _ctx, key = trees.file_key(fs, inode, for_filenames=True)
         assert decrypt_symlink(key, parse_symlink_body(body)) == target.encode(), rel
     assert kinds == {False, True}, "need both fast (in-inode) and block symlinks"
 

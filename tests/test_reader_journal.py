@@ -30,17 +30,11 @@ from ciphertextfs.fscrypt import kernel
 from ciphertextfs.fscrypt.crypto import decrypt_contents
 from ciphertextfs.fscrypt.errors import FscryptError
 from ciphertextfs.fscrypt.fname import decrypt_filename, decrypt_symlink, parse_symlink_body
-from ciphertextfs.fscrypt.keysetup import MasterKey, derive_file_key
 from ciphertextfs.fscrypt.policy import (
-    EXT4_XATTR_INDEX_ENCRYPTION,
-    EXT4_XATTR_NAME_ENCRYPTION_CONTEXT,
-    FSCRYPT_POLICY_V1,
-    build_context,
     parse_context,
 )
 from tests import harness, trees
 
-MASTER = {1: MasterKey(trees.TEST_KEY_V1), 2: MasterKey(trees.TEST_KEY_V2)}
 EXT4_XATTR_INDEX_USER = 1
 BS = 4096
 
@@ -118,30 +112,6 @@ def _after_sync(mnt: Path, keys: dict[int, bytes]) -> tuple[dict[str, bytes], di
     return files, links
 
 
-def _context_raw(fs: Filesystem, inode: Inode) -> bytes:
-    found = [
-        x.value
-        for x in fs.xattrs(inode)
-        if x.name_index == EXT4_XATTR_INDEX_ENCRYPTION
-        and x.name == EXT4_XATTR_NAME_ENCRYPTION_CONTEXT
-    ]
-    assert len(found) == 1
-    return found[0]
-
-
-def _key(fs: Filesystem, inode: Inode, for_filenames: bool):
-    ctx = parse_context(_context_raw(fs, inode))
-    key = derive_file_key(
-        MASTER[ctx.version],
-        ctx,
-        ino=inode.ino,
-        fs_uuid=fs.uuid,
-        for_filenames=for_filenames,
-        block_size=fs.block_size,
-    )
-    return ctx, key
-
-
 def _reader_object(fs: Filesystem, inode: Inode) -> tuple:
     """What the kernel would show for one inode, from the reader alone."""
     size = inode.i_size
@@ -149,22 +119,22 @@ def _reader_object(fs: Filesystem, inode: Inode) -> tuple:
     context: bytes | None = None
     if inode.is_reg:
         if inode.is_encrypted:
-            ctx, key = _key(fs, inode, False)
+            ctx, key = trees.file_key(fs, inode, for_filenames=False)
             ct = fs.read(inode, 0, ctx.ciphertext_size(size, fs.block_size))
             data = decrypt_contents(key, ct)[:size]
-            context = _context_raw(fs, inode)
+            context = trees.on_disk_context(fs, inode)[0]
         else:
             data = fs.read(inode, 0, size)
         body = hashlib.sha256(data).digest()
     elif inode.is_symlink:
         raw = fs.symlink_body(inode)
         if inode.is_encrypted:
-            _ctx, key = _key(fs, inode, True)
+            _ctx, key = trees.file_key(fs, inode, for_filenames=True)
             raw = decrypt_symlink(key, parse_symlink_body(raw))
         body = raw
         size = len(raw)
     elif inode.is_dir and inode.is_encrypted:
-        context = _context_raw(fs, inode)
+        context = trees.on_disk_context(fs, inode)[0]
     xattrs = tuple(
         sorted(
             (b"user." + x.name, x.value)
@@ -191,7 +161,7 @@ def reader_walk(fs: Filesystem) -> dict[str, tuple]:
     out: dict[str, tuple] = {}
 
     def walk(dinode: Inode, prefix: str) -> None:
-        dirkey = _key(fs, dinode, True)[1] if dinode.is_encrypted else None
+        dirkey = trees.file_key(fs, dinode, for_filenames=True)[1] if dinode.is_encrypted else None
         for e in fs.read_dir(dinode):
             name = e.name if dirkey is None else decrypt_filename(dirkey, e.name)
             rel = prefix + os.fsdecode(name)
@@ -215,15 +185,7 @@ def _kernel_context(p: Path) -> bytes | None:
         if e.errno == errno.ENODATA:
             return None
         raise
-    ctx = build_context(
-        1 if policy.version == FSCRYPT_POLICY_V1 else 2,
-        policy.key_spec,
-        kernel.get_nonce(p),
-        contents_mode=policy.contents_mode,
-        filenames_mode=policy.filenames_mode,
-        flags=policy.flags,
-        log2_data_unit_size=policy.log2_data_unit_size,
-    )
+    ctx = trees.kernel_context(policy, kernel.get_nonce(p))
     return ctx.to_bytes()
 
 
@@ -362,5 +324,5 @@ def test_encrypted_names_are_ciphertext_on_disk(snapshot) -> None:
             }
             plain = {p.split(b"/")[0] for p in plain} | {b"fast", b"slow"}
             assert not set(names) & plain
-            _ctx, key = _key(fs, dinode, True)
+            _ctx, key = trees.file_key(fs, dinode, for_filenames=True)
             assert {decrypt_filename(key, n) for n in names} == plain

@@ -17,20 +17,71 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ciphertextfs.ext4.fs import Filesystem
+from ciphertextfs.ext4.inode import Inode
 from ciphertextfs.fscrypt import kernel
+from ciphertextfs.fscrypt.keysetup import FileKey, MasterKey, derive_file_key
 from ciphertextfs.fscrypt.policy import (
+    EXT4_XATTR_INDEX_ENCRYPTION,
+    EXT4_XATTR_NAME_ENCRYPTION_CONTEXT,
     FSCRYPT_POLICY_FLAG_IV_INO_LBLK_32,
     FSCRYPT_POLICY_FLAG_IV_INO_LBLK_64,
     FSCRYPT_POLICY_FLAGS_PAD_4,
     FSCRYPT_POLICY_FLAGS_PAD_8,
     FSCRYPT_POLICY_FLAGS_PAD_16,
     FSCRYPT_POLICY_FLAGS_PAD_32,
+    FSCRYPT_POLICY_V1,
+    FscryptContext,
+    build_context,
+    parse_context,
 )
 from tests import harness
 
 TEST_KEY_V2 = bytes(range(64))
 TEST_KEY_V1 = bytes(range(64, 128))
 TEST_KEY_V1_DESCRIPTOR = bytes.fromhex("0123456789abcdef")
+MASTER_KEYS = {1: MasterKey(TEST_KEY_V1), 2: MasterKey(TEST_KEY_V2)}
+
+
+def kernel_context(policy: kernel.KernelPolicy, nonce: bytes) -> FscryptContext:
+    """The context the kernel stores for `policy` (as FS_IOC_GET_ENCRYPTION_POLICY_EX
+    reports it) and `nonce` (FS_IOC_GET_ENCRYPTION_NONCE)."""
+    return build_context(
+        1 if policy.version == FSCRYPT_POLICY_V1 else 2,
+        policy.key_spec,
+        nonce,
+        contents_mode=policy.contents_mode,
+        filenames_mode=policy.filenames_mode,
+        flags=policy.flags,
+        log2_data_unit_size=policy.log2_data_unit_size,
+    )
+
+
+def on_disk_context(fs: Filesystem, inode: Inode) -> tuple[bytes, FscryptContext]:
+    """The inode's one fscrypt context xattr, raw and parsed."""
+    raw = [
+        x.value
+        for x in fs.xattrs(inode)
+        if x.name_index == EXT4_XATTR_INDEX_ENCRYPTION
+        and x.name == EXT4_XATTR_NAME_ENCRYPTION_CONTEXT
+    ]
+    assert len(raw) == 1, f"inode {inode.ino}: {len(raw)} encryption contexts"
+    return raw[0], parse_context(raw[0])
+
+
+def file_key(
+    fs: Filesystem, inode: Inode, *, for_filenames: bool
+) -> tuple[FscryptContext, FileKey]:
+    """The inode's context and its contents or filenames key, under the test keys."""
+    _raw, ctx = on_disk_context(fs, inode)
+    return ctx, derive_file_key(
+        MASTER_KEYS[ctx.version],
+        ctx,
+        ino=inode.ino,
+        fs_uuid=fs.uuid,
+        for_filenames=for_filenames,
+        block_size=fs.block_size,
+    )
 
 
 @dataclass(frozen=True)
