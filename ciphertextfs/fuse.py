@@ -89,8 +89,6 @@ SMALL_READ = 128 << 10
 #: while a large read is in progress.
 READ_THREADS = 2
 
-#: EXT4_FEATURE_INCOMPAT_EXTENTS
-INCOMPAT_EXTENTS = 0x40
 
 #: ext4 file names are at most 255 bytes.
 NAME_MAX = 255
@@ -432,7 +430,7 @@ class CiphertextOperations(pyfuse3.Operations):
             s.f_blocks, s.f_bfree, s.f_bavail = v.f_blocks, v.f_bfree, v.f_bavail
             s.f_files, s.f_ffree, s.f_favail = v.f_files, v.f_ffree, v.f_favail
         else:
-            blocks, free, reserved = superblock_counts(self.sb)
+            blocks, free, reserved = self.sb.statfs_counts()
             s.f_bsize = s.f_frsize = self.sb_block_size
             s.f_blocks = blocks
             s.f_bfree = free
@@ -456,32 +454,6 @@ class CiphertextOperations(pyfuse3.Operations):
     create = _async_erofs
     setxattr = _async_erofs
     removexattr = _async_erofs
-
-
-def superblock_counts(sb: Any) -> tuple[int, int, int]:
-    """(blocks, free blocks, reserved blocks) from the 64-bit split fields.
-
-    The high halves only count with the 64bit feature; without it they are
-    whatever was left in the padding.  Free may exceed the total on a
-    damaged superblock, which statfs must not report.
-    """
-    wide = sb.is_64bit
-
-    def field(name: str) -> int:
-        lo = getattr(sb, f"{name}_lo")
-        hi = getattr(sb, f"{name}_hi") if wide else 0
-        return (hi << 32) | lo
-
-    blocks = field("s_blocks_count")
-    free = min(field("s_free_blocks_count"), blocks)
-    reserved = field("s_r_blocks_count")
-    if sb.s_feature_incompat & INCOMPAT_EXTENTS:
-        # The kernel also holds back 2% (at most 4096 clusters) for extent
-        # tree splits on extent filesystems; df on the view shows what df on
-        # the filesystem would.
-        cluster = sb.cluster_size // sb.block_size
-        reserved += min(blocks // cluster // 50, 4096) * cluster
-    return blocks, free, min(reserved, blocks)
 
 
 def fuse_options(source: str, *, allow_other: bool = False, debug: bool = False) -> set[str]:
