@@ -31,6 +31,7 @@ from .inode import (
     inode_csum_seed,
     parse_inode,
 )
+from .journal import replay
 from .superblock import (
     COMPAT_DIR_INDEX,
     COMPAT_HAS_JOURNAL,
@@ -133,11 +134,6 @@ class Filesystem:
             return
         if sb.s_journal_inum == 0:
             self._warn("journal needs recovery but is external: not replayed")
-            return
-        try:
-            from .journal import replay
-        except ImportError:
-            self._warn("journal needs recovery but journal replay is unavailable")
             return
         try:
             jinode = self.inode(sb.s_journal_inum)
