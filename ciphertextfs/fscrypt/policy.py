@@ -1,7 +1,7 @@
 """Encryption contexts as ext4 stores them (the kernel's fs/crypto/policy.c).
 
-An encrypted inode carries its context in the xattr index 9
-(EXT4_XATTR_INDEX_ENCRYPTION) under the name "c".  The context is the
+ext4 keeps an encrypted inode's context in an xattr of its own (see
+ciphertextfs.ext4.xattr); this layer knows only its bytes.  The context is the
 policy plus the per-file nonce; everything needed to pick a key and an IV
 rule follows from it, so it is parsed strictly: an unknown version, mode
 or flag is reported, never guessed.
@@ -35,8 +35,6 @@ __all__ = [
     "build_context",
 ]
 
-EXT4_XATTR_INDEX_ENCRYPTION = 9
-EXT4_XATTR_NAME_ENCRYPTION_CONTEXT = b"c"
 
 FSCRYPT_CONTEXT_V1 = 1
 FSCRYPT_CONTEXT_V2 = 2
