@@ -386,10 +386,10 @@ class TarBackup(Backup):
             if len(q) <= len(d) or q[: len(d)] != d:
                 self._ahead_pending = r
                 return None
-            if q == want and r.typeflag in _TAR_REGULAR:
-                return self._side_data(self._ahead, r)
             if q[-1] == SIDE_FILE_NAME and r.typeflag in _TAR_REGULAR:
                 self._side_seen[q[:-1]] = (r.offset, self._side_data(self._ahead, r))
+                if q == want:
+                    return self._side_seen[d][1]
 
     @staticmethod
     def _side_data(reader: TarReader, m: Member) -> bytes:

@@ -259,6 +259,7 @@ def parse_pax(data: bytes) -> dict[bytes, bytes]:
     newline included, which the byte-counted length makes unambiguous.
     """
     out: dict[bytes, bytes] = {}
+    sparse_00: list[bytes] = []
     pos = 0
     n = len(data)
     while pos < n:
@@ -276,8 +277,14 @@ def parse_pax(data: bytes) -> dict[bytes, bytes]:
         eq = data.find(b"=", sp + 1, end - 1)
         if eq <= sp + 1:
             raise HeaderError(f"pax record at byte {pos}: no keyword=value")
-        out[data[sp + 1 : eq]] = data[eq + 1 : end - 1]
+        key, value = data[sp + 1 : eq], data[eq + 1 : end - 1]
+        if key in (b"GNU.sparse.offset", b"GNU.sparse.numbytes"):
+            sparse_00.append(value)  # sparse 0.0: the map as repeated records, in order
+        else:
+            out[key] = value
         pos = end
+    if sparse_00:
+        out[b"GNU.sparse.map"] = b",".join(sparse_00)
     return out
 
 
@@ -791,7 +798,7 @@ class TarReader:
             m.xattrs = pax_xattrs(pax)
         except HeaderError as e:
             problems.append(str(e))
-        if b"GNU.sparse.major" in pax or b"GNU.sparse.map" in pax or b"GNU.sparse.offset" in pax:
+        if b"GNU.sparse.major" in pax or b"GNU.sparse.map" in pax:
             try:
                 self._pax_sparse(m, pax)
             except HeaderError as e:
@@ -856,7 +863,7 @@ class TarReader:
             raw = pax[b"GNU.sparse.map"]
             numbers = [_pax_decimal(x, "sparse map", 0, _SIZE_MAX) for x in raw.split(b",")]
         else:
-            raise HeaderError("GNU sparse 0.0 maps (repeated records) are not supported")
+            raise HeaderError("sparse member without its map")
         if len(numbers) % 2:
             raise HeaderError("sparse map with an odd count of numbers")
         pieces = [(numbers[i], numbers[i + 1]) for i in range(0, len(numbers), 2)]
