@@ -27,81 +27,7 @@ from ciphertextfs.restore.tarstream import (
     parse_number,
     parse_pax,
 )
-
-# -- a tiny ustar writer ----------------------------------------------------
-
-
-def _octal(n: int, width: int) -> bytes:
-    return b"%0*o\0" % (width - 1, n)
-
-
-def _b256(n: int, width: int) -> bytes:
-    raw = (n % (1 << (8 * width - 8))).to_bytes(width - 1, "big")
-    return (b"\xff" if n < 0 else b"\x80") + raw
-
-
-def header(
-    name: bytes = b"f",
-    *,
-    typeflag: bytes = b"0",
-    size: int = 0,
-    mode: int = 0o644,
-    uid: int = 0,
-    gid: int = 0,
-    mtime: int = 1_700_000_000,
-    linkname: bytes = b"",
-    devmajor: int = 0,
-    devminor: int = 0,
-    magic: bytes = b"ustar\x0000",
-    raw: dict[int, bytes] | None = None,
-    checksum: bool = True,
-) -> bytes:
-    b = bytearray(BLOCK)
-    b[0 : len(name)] = name
-    b[100:108] = _octal(mode, 8)
-    b[108:116] = _octal(uid, 8)
-    b[116:124] = _octal(gid, 8)
-    b[124:136] = _octal(size, 12)
-    b[136:148] = _octal(mtime, 12)
-    b[156:157] = typeflag
-    b[157 : 157 + len(linkname)] = linkname
-    b[257:265] = magic
-    b[329:337] = _octal(devmajor, 8)
-    b[337:345] = _octal(devminor, 8)
-    for off, value in (raw or {}).items():
-        b[off : off + len(value)] = value
-    if checksum:
-        b[148:156] = b" " * 8
-        b[148:156] = b"%06o\0 " % sum(b)
-    return bytes(b)
-
-
-def padded(data: bytes) -> bytes:
-    return data + bytes(-len(data) % BLOCK)
-
-
-def member(name: bytes, data: bytes = b"", **kw) -> bytes:
-    return header(name, size=len(data), **kw) + padded(data)
-
-
-def pax_record(key: bytes, value: bytes) -> bytes:
-    body = b" " + key + b"=" + value + b"\n"
-    n = len(body) + 1
-    while len(str(n)) + len(body) != n:
-        n = len(str(n)) + len(body)
-    return str(n).encode() + body
-
-
-def pax(records: dict[bytes, bytes] | bytes, typeflag: bytes = b"x") -> bytes:
-    data = (
-        records
-        if isinstance(records, bytes)
-        else b"".join(pax_record(k, v) for k, v in records.items())
-    )
-    return header(b"PaxHeaders/f", typeflag=typeflag, size=len(data)) + padded(data)
-
-
-EOF = bytes(2 * BLOCK)
+from tests.tarcraft import EOF, b256, header, member, padded, pax, pax_record
 
 
 def read(data: bytes) -> list[Member | Rejected | Damage]:
@@ -126,8 +52,8 @@ def test_numbers_octal_and_base256() -> None:
     assert parse_number(b"0000644\0", "mode") == 0o644
     assert parse_number(b"  644 \0\0", "mode") == 0o644
     assert parse_number(b"\0" * 8, "uid") == 0
-    assert parse_number(_b256(2**40, 12), "size") == 2**40
-    assert parse_number(_b256(-5, 8), "uid") == -5
+    assert parse_number(b256(2**40, 12), "size") == 2**40
+    assert parse_number(b256(-5, 8), "uid") == -5
     for bad in (b"\x81" + bytes(7), b"12a4\0\0\0\0", b"\0 1\0\0"):
         with pytest.raises(HeaderError):
             parse_number(bad, "x")
@@ -196,12 +122,12 @@ def _pax_bad(records: dict[bytes, bytes]) -> bytes:
 CRAFTED = [
     ("mtime", _pax_bad({b"mtime": b"100000000000000000000"}), "mtime"),
     ("-mtime", _pax_bad({b"mtime": b"-100000000000000000000"}), "mtime"),
-    ("uid b256", _bad(raw={108: _b256(-5, 8)}), "uid -5"),
+    ("uid b256", _bad(raw={108: b256(-5, 8)}), "uid -5"),
     ("uid pax", _pax_bad({b"uid": b"-5"}), "uid"),
     ("gid pax", _pax_bad({b"gid": b"99999999999"}), "gid"),
-    ("devmajor", _bad(typeflag=b"3", raw={329: _b256(2**31, 8)}), "devmajor"),
+    ("devmajor", _bad(typeflag=b"3", raw={329: b256(2**31, 8)}), "devmajor"),
     ("devminor pax", _pax_bad({b"SCHILY.devminor": b"2000000"}), "devminor"),
-    ("mtime b256", _bad(raw={136: _b256(10**20, 12)}), "mtime"),
+    ("mtime b256", _bad(raw={136: b256(10**20, 12)}), "mtime"),
     ("nul name", _pax_bad({b"path": b"a\0b"}), "NUL"),
     ("nul link", _pax_bad({b"linkpath": b"a\0b"}), "NUL"),
     ("bad b256", _bad(raw={136: b"\x81" + bytes(11)}), "base-256"),
@@ -259,7 +185,7 @@ def test_damaged_pax_header_loses_its_member_from_the_pax_header_on() -> None:
 
 
 def test_negative_or_garbage_size_is_a_bad_header() -> None:
-    for field in (_b256(-1, 12), b"999999999999", b"\x81" + bytes(11)):
+    for field in (b256(-1, 12), b"999999999999", b"\x81" + bytes(11)):
         data = member(b"a") + header(b"b", raw={124: field}) + member(b"c") + EOF
         recs = read(data)
         assert names(recs) == [b"a", b"c"]

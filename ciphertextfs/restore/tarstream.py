@@ -32,7 +32,9 @@ import errno
 import gzip
 import io
 import lzma
+import re
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -73,6 +75,8 @@ _MINOR_MAX = (1 << 20) - 1
 _SIZE_MAX = 1 << 63
 
 _REG = (b"0", b"\0", b"7")
+#: How a pax extended header's data begins: "LEN keyword=".
+_PAX_START = re.compile(rb"[1-9][0-9]{0,19} [A-Za-z][A-Za-z0-9._-]{0,200}=")
 _KNOWN = frozenset(b"01234567") | {0}
 
 
@@ -632,6 +636,8 @@ class TarReader:
         refuse: str | None = None  # why the pending member is refused
         bad_at: int | None = None
         bad_why = ""
+        ext_lost = False
+        heads: deque[bytes] = deque()
         while True:
             dmg = self._finish_current()
             if dmg is not None:
@@ -643,7 +649,8 @@ class TarReader:
                 if bad_at is not None:
                     yield Damage(bad_at, off, f"{bad_why}; no valid header after it")
                 if block:
-                    yield Damage(off, None, "archive ends with a partial block (truncated)")
+                    start = first if first is not None else off
+                    yield Damage(start, None, "archive ends with a partial block (truncated)")
                 elif first is not None:
                     yield Damage(first, None, "archive ends after an extended header (truncated)")
                 else:
@@ -668,6 +675,9 @@ class TarReader:
                 if bad_at is None:
                     bad_at, bad_why = (first if first is not None else off), str(e)
                     pax, longname, longlink, first, refuse = {}, None, None, None, None
+                    ext_lost, heads = False, deque(maxlen=MAX_NAME // BLOCK + 2)
+                ext_lost = ext_lost or _PAX_START.match(block) is not None
+                heads.append(block[:100])
                 continue
             if bad_at is not None:
                 yield Damage(
@@ -676,6 +686,16 @@ class TarReader:
                     f"bad header at offset {bad_at} ({bad_why}): skipped to the next header",
                 )
                 bad_at = None
+                # The skipped blocks may have been this member's pax or GNU
+                # long-name header: then its name, xattrs (its fscrypt
+                # context) and times are unknown, and restoring it from the
+                # ustar fields alone would restore it wrongly.
+                name_field = h.block[:100]
+                if ext_lost or (name_field[-1] and any(x == name_field for x in heads)):
+                    refuse = (
+                        "its extended header was in the damaged region before it: "
+                        "name, xattrs and times unknown"
+                    )
             t = h.typeflag
             if t in (b"x", b"g", b"L", b"K"):
                 if first is None:
