@@ -141,7 +141,7 @@ CRAFTED = [
     (
         "long name",
         header(b"L", typeflag=b"L", size=MAX_NAME + 10) + padded(b"x" * (MAX_NAME + 10)) + _bad(),
-        "limit",
+        "GNU long name of",  # refused before it is read into memory
     ),
 ]
 
@@ -182,6 +182,28 @@ def test_damaged_pax_header_loses_its_member_from_the_pax_header_on() -> None:
     recs = read(bytes(damaged))
     assert names(recs) == [b"a", b"c"]
     assert (recs[1].start, recs[1].end) == (len(a), len(a) + len(b))
+
+
+def test_damaged_gnu_long_name_header_refuses_the_truncated_name() -> None:
+    long = b"x/" + b"n" * 150
+    a = member(b"a")
+    b = (
+        header(b"././@LongLink", typeflag=b"L", size=len(long) + 1, magic=b"ustar  \0")
+        + padded(long + b"\0")
+        + member(long[:100], b"B", magic=b"ustar  \0")
+    )
+    damaged = bytearray(a + b + member(b"c") + EOF)
+    damaged[len(a) + 20] ^= 1  # the 'L' header: its name block is skipped as junk
+    recs = read(bytes(damaged))
+    assert names(recs) == [b"a", b"c"]
+    assert isinstance(recs[1], Damage) and (recs[1].start, recs[1].end) == (BLOCK, 3 * BLOCK)
+    # Under its first 100 bytes the member would be restored in the wrong place.
+    assert isinstance(recs[2], Rejected) and recs[2].path == long[:100]
+    assert "extended header" in recs[2].reason
+    # A plain 100-byte name after ordinary damage is no reason to refuse.
+    other = bytearray(a + member(b"junk", b"J" * 600) + member(long[:100], b"B") + EOF)
+    other[len(a) + 7] ^= 1
+    assert names(read(bytes(other))) == [b"a", long[:100]]
 
 
 def test_negative_or_garbage_size_is_a_bad_header() -> None:
