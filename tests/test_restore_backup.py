@@ -9,6 +9,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from ciphertextfs.restore.backup import Kind, TarBackup, TreeBackup, TreeProblem
 from ciphertextfs.restore.plan import RestoreProblem, parse_symlink_target
 from ciphertextfs.view.format import parse_side_file
@@ -122,3 +124,36 @@ def test_crafted_archive_cannot_write_outside_dest(tmp_path: Path) -> None:
     reported = [line for line in proc.stderr.splitlines() if "not restored" in line]
     for name in ("../climb", "absolute", "d/../../climb2", "link/through"):
         assert any(name in line for line in reported), (name, proc.stderr)
+
+
+def test_directory_metadata_applied_however_reading_stops(tmp_path: Path) -> None:
+    """A read that ends in an exception still gives every restored directory its metadata."""
+    from ciphertextfs.restore.backup import Backup, Entry
+    from ciphertextfs.restore.keys import KeyRing
+    from ciphertextfs.restore.report import Report
+    from ciphertextfs.restore.restorer import Restorer
+    from ciphertextfs.restore.writer import DestWriter
+
+    T = 1234 * 10**9
+
+    class Interrupted(Backup):
+        description = "a backup whose reading is interrupted"
+
+        def entries(self):
+            yield Entry(path=(), kind=Kind.DIR, mode=0o755, uid=0, gid=0, mtime_ns=10**18)
+            yield Entry(
+                path=(b"d",), kind=Kind.DIR, mode=0o750, uid=0, gid=0, mtime_ns=1234 * 10**9
+            )
+            raise KeyboardInterrupt
+
+        def side_file(self, dir_path):
+            return None
+
+    dest = tmp_path / "dest"
+    restorer = Restorer(
+        Interrupted(), DestWriter(dest, dry=False), KeyRing(), Report(io.StringIO())
+    )
+    with pytest.raises(KeyboardInterrupt):
+        restorer.run(verify=False)
+    st = os.stat(dest / "d")
+    assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o750, T)

@@ -1,10 +1,14 @@
 """A copy of the view, read as one stream of entries whatever its container.
 
 A backup arrives either as a directory tree (`tar --xattrs -x`, `rsync
--aHAX`) or as the tar archive itself.  Both are turned into the same
-`Entry` records so that the restore logic never knows which one it reads.
-Entries come parents first; the side files of long names are available
-before any entry of their directory needs them.
+-aHAX`) or as the tar archive itself, a file or a stream on standard input.
+Both are turned into the same `Entry` records so that the restore logic
+never knows which one it reads.  Entries come parents first, side files
+included, in the order of the container (a tar archive's own order); what
+cannot be read comes among them as a `TreeProblem` (`ArchiveDamage` for a
+region of an archive lost).  `Backup.side_file` gives a directory's side
+file when the restore needs it before reaching it (see TarBackup for what
+a stream can and cannot give).
 """
 
 from __future__ import annotations
@@ -109,10 +113,15 @@ class Backup:
     description: str
 
     def entries(self) -> Iterator[Entry]:
+        """Entries parents first; an entry's `open()` may only work until the next one."""
         raise NotImplementedError
 
     def side_file(self, dir_path: Path_) -> bytes | None:
-        """Contents of the long-name side file of a directory, None if it has none."""
+        """Contents of the long-name side file of a directory, None if it has none.
+
+        For a tar stream, None also when the side file has not been read
+        yet; TarBackup then reports it when it comes.
+        """
         raise NotImplementedError
 
     def close(self) -> None:
