@@ -27,7 +27,7 @@ from ciphertextfs.restore.tarstream import (
     parse_number,
     parse_pax,
 )
-from tests.tarcraft import EOF, b256, header, member, padded, pax, pax_record
+from tests.tarcraft import EOF, b256, header, member, octal, padded, pax, pax_record
 
 
 def read(data: bytes) -> list[Member | Rejected | Damage]:
@@ -259,6 +259,28 @@ def read_tolerant(data: bytes) -> list:
             except OSError:
                 pass
     return out
+
+
+def test_sparse_map_with_empty_pieces() -> None:
+    """Old GNU sparse: pieces (0, 0), (4, 3), (8, 0), (9, 2) of an 11-byte file."""
+    area = b"".join(octal(o, 12) + octal(n, 12) for o, n in ((0, 0), (4, 3), (8, 0)))
+    head = header(
+        b"s", typeflag=b"S", size=5, magic=b"ustar  \0", raw={386: area, 483: octal(11, 12)}
+    )
+    # Three pieces fit in the header; the fourth is in an extension block.
+    head = header(
+        b"s",
+        typeflag=b"S",
+        size=5,
+        magic=b"ustar  \0",
+        raw={386: area, 482: b"\1", 483: octal(11, 12)},
+    )
+    ext = padded(octal(9, 12) + octal(2, 12))
+    recs = read(head + ext + padded(b"abcde") + member(b"after", b"x") + EOF)
+    assert names(recs) == [b"s", b"after"]
+    assert recs[0].real_size == 11
+    assert recs[0].xattrs[b"(data)"] == b"\0\0\0\0abc\0\0de"
+    assert recs[1].xattrs[b"(data)"] == b"x"
 
 
 def test_data_is_readable_only_while_current() -> None:

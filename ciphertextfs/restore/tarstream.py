@@ -112,10 +112,6 @@ class Member:
     real_size: int = 0
     sparse: list[tuple[int, int]] | None = None
 
-    @property
-    def is_regular(self) -> bool:
-        return self.typeflag in _REG or self.typeflag == b"S"
-
 
 @dataclass
 class Rejected:
@@ -407,8 +403,9 @@ def _read_full(raw: BinaryIO, n: int) -> bytes:
 def decompressed(raw: BinaryIO) -> tuple[BinaryIO, str | None]:
     """The uncompressed bytes of `raw` and the compression found by magic."""
     if raw.seekable():
+        start = raw.tell()
         head = raw.read(6)
-        raw.seek(0)
+        raw.seek(start)
         src: BinaryIO = raw
     else:
         head = _read_full(raw, 6)
@@ -566,14 +563,12 @@ class TarReader:
         if self._sparse_state is None:
             return self._raw_data(n)
         pieces, pos, real = self._sparse_state
-        if pos >= real:
+        while pieces and pos >= pieces[0][0] + pieces[0][1]:
+            pieces.pop(0)  # done, or empty (GNU ends its maps with one)
+        if pos >= real or n <= 0:
             return b""
         if pieces and pos >= pieces[0][0]:
-            off, length = pieces[0]
-            take = min(n, off + length - pos)
-            data = self._raw_data(take) if take > 0 else b""
-            if pos + len(data) >= off + length:
-                pieces.pop(0)
+            data = self._raw_data(min(n, pieces[0][0] + pieces[0][1] - pos))
         else:
             nxt = pieces[0][0] if pieces else real
             data = bytes(min(n, nxt - pos, 1 << 20))
