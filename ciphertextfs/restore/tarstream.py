@@ -75,6 +75,7 @@ _MINOR_MAX = (1 << 20) - 1
 _SIZE_MAX = 1 << 63
 
 _REG = (b"0", b"\0", b"7")
+_HIGH = bytes(range(128, 256))
 #: How a pax extended header's data begins: "LEN keyword=".
 _PAX_START = re.compile(rb"[1-9][0-9]{0,19} [A-Za-z][A-Za-z0-9._-]{0,200}=")
 _KNOWN = frozenset(b"01234567") | {0}
@@ -154,7 +155,7 @@ def parse_number(field_: bytes, what: str) -> int:
         if field_.strip(b"\0 "):
             raise HeaderError(f"{what}: bytes after the number's terminator")
         return 0
-    if any(c not in b"01234567" for c in text):
+    if text.translate(None, b"01234567"):
         raise HeaderError(f"{what}: {text[:16]!r} is not an octal number")
     return int(text, 8)
 
@@ -166,8 +167,10 @@ def _checksum_ok(block: bytes) -> bool:
         return False
     head = block[:148] + b" " * 8 + block[156:]
     unsigned = sum(head)
-    signed = unsigned - 256 * sum(1 for b in head if b & 0x80)
-    return stored in (unsigned, signed)
+    if stored == unsigned:
+        return True
+    # Some old writers summed signed chars.
+    return stored == unsigned - 256 * (len(head) - len(head.translate(None, _HIGH)))
 
 
 def _cstr(raw: bytes) -> bytes:
@@ -446,6 +449,15 @@ class _Source:
         self.back = b""
 
     def read(self, n: int) -> bytes:
+        if not self.back:
+            try:
+                b = self.stream.read(n)
+            except self.errors as e:
+                raise DecompressError(str(e) or type(e).__name__) from None
+            self.pos += len(b)
+            if len(b) == n or not b:
+                return b
+            return b + self.read(n - len(b))
         out = b""
         if self.back:
             out, self.back = self.back[:n], self.back[n:]
@@ -506,6 +518,14 @@ class _Data(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            parts = []
+            while chunk := self.reader._read_data(self, 1 << 20):
+                parts.append(chunk)
+            return b"".join(parts)
+        return self.reader._read_data(self, n)
+
     def readinto(self, b) -> int:  # type: ignore[override]
         data = self.reader._read_data(self, len(b))
         b[: len(data)] = data
@@ -536,7 +556,7 @@ class TarReader:
             raise OSError(errno.ESPIPE, "archive member is no longer the current one")
         if member.sparse is not None:
             self._sparse_state = (list(member.sparse), 0, member.real_size)
-        return io.BufferedReader(_Data(self, member, self._serial), 1 << 16)  # type: ignore[return-value]
+        return _Data(self, member, self._serial)  # type: ignore[return-value]
 
     def _raw_data(self, n: int) -> bytes:
         n = min(n, self._left)
