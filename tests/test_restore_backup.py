@@ -157,3 +157,22 @@ def test_directory_metadata_applied_however_reading_stops(tmp_path: Path) -> Non
         restorer.run(verify=False)
     st = os.stat(dest / "d")
     assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o750, T)
+
+
+def test_stdin_source_refuses_a_terminal_and_junk(tmp_path: Path) -> None:
+    import pty
+
+    key = tmp_path / "key"
+    key.write_bytes(bytes(64))
+    argv = [sys.executable, "-m", "ciphertextfs", "decrypt", "--verify", "--key", key, "-"]
+    primary, secondary = pty.openpty()
+    try:
+        r = subprocess.run(argv, stdin=secondary, capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert r.returncode == 2 and "terminal" in r.stderr, r.stderr
+    for junk in (b"", os.urandom(3000)):
+        r = subprocess.run(argv, input=junk, capture_output=True, timeout=60)
+        assert r.returncode == 2 and b"not a tar archive" in r.stderr, r.stderr
+        assert b"Traceback" not in r.stderr

@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         keys = KeyRing.from_args(args.key, args.v1_key)
     except KeyFileError as e:
         raise CommandError(str(e), EXIT_FATAL) from None
+    if args.source == "-" and sys.stdin.isatty():
+        raise CommandError("refusing to read an archive from a terminal (SOURCE is -)", EXIT_FATAL)
     try:
         backup = open_backup(args.source, stdin=sys.stdin.buffer)
     except BackupError as e:
