@@ -433,7 +433,8 @@ class TarBackup(Backup):
             if isinstance(r, Damage):
                 path = _tar_path(r.path) if r.path is not None else ()
                 damage.append(r)
-                yield ArchiveDamage(r.start, r.end, r.reason, path or ())
+                why = r.reason + (f" ({self.compression}-decompressed)" if self.compression else "")
+                yield ArchiveDamage(r.start, r.end, why, path or ())
                 continue
             p = _tar_path(r.path)
             if p is None:
