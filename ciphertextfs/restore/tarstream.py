@@ -76,6 +76,7 @@ _SIZE_MAX = 1 << 63
 
 _REG = (b"0", b"\0", b"7")
 _HIGH = bytes(range(128, 256))
+_UNREADABLE = "archive unreadable (damaged compressed data or a read error)"
 #: How a pax extended header's data begins: "LEN keyword=".
 _PAX_START = re.compile(rb"[1-9][0-9]{0,19} [A-Za-z][A-Za-z0-9._-]{0,200}=")
 _KNOWN = frozenset(b"01234567") | {0}
@@ -565,7 +566,7 @@ class TarReader:
         try:
             b = self.src.read(n)
         except DecompressError as e:
-            self._truncated = f"compressed data damaged: {e}"
+            self._truncated = f"{_UNREADABLE}: {e}"
             self._left = 0
             raise OSError(errno.EIO, f"archive unreadable inside this member: {e}") from None
         size = self._current.size if self._current is not None else 0
@@ -610,7 +611,7 @@ class TarReader:
             try:
                 got = self.src.skip(want)
             except DecompressError as e:
-                self._truncated = f"compressed data damaged: {e}"
+                self._truncated = f"{_UNREADABLE}: {e}"
                 got = want
             if got < want and got < self._left:
                 self._truncated = "archive ends inside this member"
@@ -641,7 +642,7 @@ class TarReader:
         try:
             yield from self._records()
         except DecompressError as e:
-            yield Damage(self.src.pos, None, f"compressed data damaged: {e}: nothing after it")
+            yield Damage(self.src.pos, None, f"{_UNREADABLE}: {e}: nothing after it")
 
     def _records(self) -> Iterator[Member | Rejected | Damage]:
         pax: dict[bytes, bytes] = {}
