@@ -41,13 +41,23 @@ def ciphertext_name(name: bytes, side: SideFile | None) -> bytes:
     return full
 
 
+FSCRYPT_FNAME_MIN_MSG_LEN = 16
+
+
 def looks_nokey(name: bytes) -> bool:
-    """Whether a name could be a kernel no-key name (evidence of lost xattrs)."""
+    """Whether a name could be a kernel no-key name (evidence of lost xattrs).
+
+    A ciphertext name is at least 16 bytes, and below the no-key limit a
+    multiple of the padding (at least 4), which most plain names are not.
+    """
     try:
-        parse_nokey_name(name)
+        nk = parse_nokey_name(name)
     except FscryptError:
         return False
-    return True
+    if nk.sha256 is not None:
+        return True
+    n = len(nk.prefix)
+    return n >= FSCRYPT_FNAME_MIN_MSG_LEN and n % 4 == 0
 
 
 def check_plain_name(name: bytes) -> bytes:
