@@ -226,10 +226,8 @@ class Restorer:
                     "were lost (copied without rsync -X or tar --xattrs?)"
                 )
             return
-        if e.kind is Kind.SYMLINK and e.target is not None:
-            if is_encrypted_symlink_target(e.target):
-                self._evidence += 1
-            return
+        if e.kind is Kind.SYMLINK and e.target and is_encrypted_symlink_target(e.target):
+            self._evidence += 1
         if looks_nokey(e.name):
             if has_ctx:
                 raise RestoreProblem(
