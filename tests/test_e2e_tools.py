@@ -346,3 +346,50 @@ def test_one_file_without_context_is_reported(
     out = run(*CLI, "inspect", victim)
     assert out.returncode == 1
     assert b"context missing" in out.stdout
+
+
+class _Counting:
+    """A backup that counts how often the restore asks it for a side file."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.asked = inner, 0
+        self.description = inner.description
+
+    def entries(self):
+        return self.inner.entries()
+
+    def side_file(self, path):
+        self.asked += 1
+        return self.inner.side_file(path)
+
+
+def _restore_in_process(source: Source, backup, tmp_path: Path) -> tuple[int, str]:
+    import io
+
+    from ciphertextfs.restore.keys import KeyRing
+    from ciphertextfs.restore.report import Report
+    from ciphertextfs.restore.restorer import Restorer
+    from ciphertextfs.restore.writer import DestWriter
+
+    keys = KeyRing.from_args([source.keys[1]], [source.keys[3]])
+    out = io.StringIO()
+    dest = tmp_path / "dest"
+    rc = Restorer(backup, DestWriter(os.fspath(dest), dry=False), keys, Report(stream=out)).run(
+        verify=False
+    )
+    return rc, out.getvalue()
+
+
+def test_format_2_archive_is_read_in_one_pass(
+    source: Source, copies: Copies, tmp_path: Path
+) -> None:
+    """The side files come first in every directory: nothing is asked of the archive."""
+    from ciphertextfs.restore.backup import open_backup
+
+    with open_backup(copies.good["tar"]) as inner:
+        backup = _Counting(inner)
+        rc, err = _restore_in_process(source, backup, tmp_path)
+    assert rc == 0, err
+    assert backup.asked == 0
+    got = walk(tmp_path / "dest")
+    assert got == source.plain
