@@ -393,3 +393,36 @@ def test_format_2_archive_is_read_in_one_pass(
     assert backup.asked == 0
     got = walk(tmp_path / "dest")
     assert got == source.plain
+
+
+def test_block_size_reaches_every_subtree(source: Source, tmp_path: Path) -> None:
+    """1 KiB blocks: the directories carry the block size, whichever subtree is copied."""
+    image = harness.mkfs(tmp_path / "1k.img", size_mb=16, block_size=1024)
+    data = {"moved": os.urandom(5000), "inner": os.urandom(3000)}
+    with harness.mounted(image, tmp_path / "1k.mnt") as (_dev, mnt):
+        with trees.keys_added(mnt) as keys:
+            enc, out = mnt / "enc", mnt / "plain" / "sub"
+            enc.mkdir()
+            out.mkdir(parents=True)
+            trees.POLICY["v2"].apply(enc, keys)
+            (enc / "sub").mkdir()
+            (enc / "sub" / "inner").write_bytes(data["inner"])
+            (enc / "moved").write_bytes(data["moved"])
+            os.rename(enc / "moved", out / "moved")
+            os.sync()
+            trees.lock(mnt, keys)
+        with view_mount(image, tmp_path / "v") as v:
+            [sub] = os.listdir(v.mountpoint / "enc")
+            for name, rel in (("plain-sub", "plain/sub"), ("enc-sub", f"enc/{sub}")):
+                p = run("rsync", "-aHAX", f"{v.mountpoint / rel}/", tmp_path / name)
+                assert p.returncode == 0, p.stderr
+            alone = tmp_path / "alone"
+            alone.mkdir()
+            harness.run("cp", "--preserve=xattr", v.mountpoint / "plain/sub/moved", alone / "moved")
+    for name, file in (("plain-sub", "moved"), ("enc-sub", "inner")):
+        proc = decrypt(source, tmp_path / name, tmp_path / f"{name}.dest")
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / f"{name}.dest" / file).read_bytes() == data[file], name
+    proc = run(*CLI, "decrypt", *source.keys, "--block-size", "1024", alone, tmp_path / "a.dest")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "a.dest" / "moved").read_bytes() == data["moved"]
