@@ -145,9 +145,11 @@ class Restorer:
         if self._fscrypt_seen or not (self._evidence or self._nokey_restored):
             return
         n = len(self._nokey_restored)
-        self.report.restored -= n
         what = f"{n} entr{'y' if n == 1 else 'ies'} with no-key names copied as ciphertext"
-        self.report.problem((), f"{LOST_XATTRS} ({what})", below=max(n - 1, 0))
+        self.report.problem((), f"{LOST_XATTRS} ({what}, counted as not restored)")
+        # Those entries were counted as restored when they went by.
+        self.report.restored -= n
+        self.report.failed += max(n - 1, 0)
 
     def _fail_path(self, path: Path_, reason: str) -> None:
         parent = self._dirs.get(path[:-1]) if path else None
