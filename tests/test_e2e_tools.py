@@ -426,3 +426,11 @@ def test_block_size_reaches_every_subtree(source: Source, tmp_path: Path) -> Non
     proc = run(*CLI, "decrypt", *source.keys, "--block-size", "1024", alone, tmp_path / "a.dest")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "a.dest" / "moved").read_bytes() == data["moved"]
+
+
+def test_inspect_reads_long_symlinks_from_the_side_file(copies: Copies) -> None:
+    copy = copies.good["tar --zstd, extracted"]
+    out = run(*CLI, "inspect", copy / "plain" / "moved-long-v2-ino32")
+    assert out.returncode == 0, out.stderr
+    assert b"kept in the directory's side file" in out.stdout
+    assert b"IV_INO_LBLK_32" in out.stdout

@@ -208,7 +208,10 @@ def _text(info: dict[str, Any]) -> str:
         if "target" in s:
             lines.append(f"  symlink target: {s['target']}")
         else:
-            lines.append(f"  symlink: encrypted target, {s['ciphertext_length']}-byte ciphertext")
+            where = ", kept in the directory's side file" if s.get("in_side_file") else ""
+            lines.append(
+                f"  symlink: encrypted target, {s['ciphertext_length']}-byte ciphertext{where}"
+            )
     for p in info.get("problems", []):
         lines.append(f"  problem: {p}")
     return "\n".join(lines)
