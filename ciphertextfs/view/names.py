@@ -26,6 +26,7 @@ from ciphertextfs.ext4.dirhash import dx_hash_version, ext4fs_dirhash
 from ciphertextfs.ext4.errors import CorruptError
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
+from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
 from ciphertextfs.fscrypt.errors import FscryptError
 from ciphertextfs.fscrypt.nokey import nokey_name
 from ciphertextfs.view.symlinks import view_target
@@ -138,6 +139,8 @@ def _long_symlinks(fs: Filesystem, raw: list) -> dict[int, bytes]:
     A symlink that cannot be read is left out: it answers EIO on its own.
     """
     out: dict[int, bytes] = {}
+    if not fs.sb.has_incompat(INCOMPAT_ENCRYPT):
+        return out
     for de in raw:
         if de.file_type not in (EXT4_FT_SYMLINK, EXT4_FT_UNKNOWN) or de.inode in out:
             continue
