@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         image = work / "src.img"
         build(image, args.files)
         print(
-            f"# bench_requests: {args.files} files of {SIZE_MIN}-{SIZE_MAX} bytes in "
+            f"Configuration: {args.files} files of {SIZE_MIN}-{SIZE_MAX} bytes in "
             f"{DIRS} fscrypt v2 directories; median of {args.runs} cold-cache runs"
         )
         for k, v in common.machine().items():
