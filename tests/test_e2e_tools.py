@@ -434,3 +434,23 @@ def test_inspect_reads_long_symlinks_from_the_side_file(copies: Copies) -> None:
     assert out.returncode == 0, out.stderr
     assert b"kept in the directory's side file" in out.stdout
     assert b"IV_INO_LBLK_32" in out.stdout
+
+
+def test_one_directory_without_context_is_reported(
+    source: Source, copies: Copies, tmp_path: Path
+) -> None:
+    """An encrypted directory that lost its xattrs while its entries kept theirs."""
+    copy = tmp_path / "copy"
+    harness.run("cp", "-a", copies.good["rsync -aHAX onto tmpfs"], copy)
+    # The top encrypted directory: its parent is not encrypted, so only the
+    # evidence below it (no-key names with contexts, a side file) tells.
+    for attr in os.listxattr(copy / "enc-v2"):
+        if attr.startswith("user.fscrypt."):
+            os.removexattr(copy / "enc-v2", attr)
+    for dest in (None, tmp_path / "dest"):
+        proc = decrypt(source, copy, dest)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1, err
+        lost = [ln for ln in err.splitlines() if "not restored: enc-v2/" in ln]
+        assert lost and all("xattrs were lost" in ln for ln in lost), err
+        assert "this backup has lost its xattrs" not in err

@@ -56,6 +56,10 @@ DEFAULT_BLOCK_SIZE = 4096
 CHUNK = 4 * 1024 * 1024  # bytes read and decrypted at a time: many data units
 _ZERO = bytes(65536)
 
+_SIDE_WITHOUT_CONTEXT = (
+    "a side file with long names, but its directory has no user.fscrypt.context: "
+    "the directory's xattrs were lost (copied without rsync -X or tar --xattrs?)"
+)
 LOST_XATTRS = (
     "this backup has lost its xattrs: was it made with rsync -a without -X, "
     "or tar without --xattrs (at create or at extract), or cpio?"
@@ -260,11 +264,7 @@ class Restorer:
                 side = decode_side_file(data)
                 if side.names and not side.damaged:
                     self._evidence += 1
-                    raise RestoreProblem(
-                        "a directory's side file, but the directory has no "
-                        "user.fscrypt.context: its xattrs were lost (copied without "
-                        "rsync -X or tar --xattrs?)"
-                    )
+                    raise RestoreProblem(_SIDE_WITHOUT_CONTEXT)
                 return dataclasses.replace(e, open=lambda: io.BytesIO(data))
             data = head + src.read(SIDE_FILE_MAX + 1 - len(head))
         finally:
@@ -277,6 +277,8 @@ class Restorer:
             self._with_side.add(e.path[:-1])
         if not parent.encrypted:
             self._evidence += 1
+            if side.names:
+                raise RestoreProblem(_SIDE_WITHOUT_CONTEXT)
         if side.damaged:
             raise RestoreProblem(
                 f"damaged side file: {side.damaged} unreadable line"
