@@ -31,7 +31,13 @@ by the descriptor e4crypt/fscrypt derive from the key.
 
 Every entry that cannot be restored is reported on stderr ("not restored:
 PATH: REASON"); a missing key is reported once with the number of entries
-that need it.  The rest of the tree is restored."""
+that need it.  The rest of the tree is restored.
+
+A backup that lost its user.fscrypt.* xattrs (rsync -a without -X, tar
+without --xattrs at create or extract, cpio) can never be restored: it is
+detected, said so, and every entry it affects counts as not restored, also
+with --verify.  Entries without a context inside an encrypted directory and
+missing or damaged side files are reported one by one."""
 
 EPILOG = """\
 exit status:

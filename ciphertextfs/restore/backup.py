@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from ciphertextfs.view.format import SIDE_FILE_NAME
+from ciphertextfs.viewformat import SIDE_FILE_MAX, SIDE_FILE_NAME
 
 from .tarstream import Damage, Member, Rejected, TarReader, decompressed
 
@@ -38,10 +38,6 @@ __all__ = [
     "show_path",
 ]
 
-
-# A side file holds one line of about 450 bytes per long name; anything far
-# larger than a directory could ever need is refused instead of read.
-SIDE_FILE_MAX = 256 * 1024 * 1024
 
 Path_ = tuple[bytes, ...]
 
