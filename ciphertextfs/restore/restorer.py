@@ -28,13 +28,21 @@ from .plan import (
     parse_symlink_target,
 )
 from .report import Report
-from .writer import DestWriter
+from .writer import DestWriter, Where
 
-__all__ = ["Restorer", "DEFAULT_BLOCK_SIZE", "CHUNK"]
+__all__ = ["Restorer", "Interrupted", "DEFAULT_BLOCK_SIZE", "CHUNK"]
 
 DEFAULT_BLOCK_SIZE = 4096
 CHUNK = 4 * 1024 * 1024  # bytes read and decrypted at a time: many data units
 _ZERO = bytes(65536)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: stop reading the backup, finish what was restored."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class _MissingKey(Exception):
@@ -47,7 +55,7 @@ class _MissingKey(Exception):
 class _Dir:
     """What the children of one backup directory need."""
 
-    dest: bytes | None = None
+    dest: Where | None = None
     name_key: FileKey | None = None
     encrypted: bool = False
     side: dict[bytes, bytes] | None = None
@@ -71,26 +79,38 @@ class Restorer:
     report: Report
     block_size: int = DEFAULT_BLOCK_SIZE
     _dirs: dict[Path_, _Dir] = field(default_factory=dict)
-    _links: dict[object, bytes] = field(default_factory=dict)
+    _links: dict[object, Where] = field(default_factory=dict)
     _dir_problems: list[_DirProblem] = field(default_factory=list)
-    _dir_xattrs: dict[bytes, dict[bytes, bytes]] = field(default_factory=dict)
+    _dir_xattrs: dict[Where, dict[bytes, bytes]] = field(default_factory=dict)
 
     def run(self, *, verify: bool) -> int:
         self.writer.prepare()
-        for item in self.backup.entries():
-            if isinstance(item, TreeProblem):
-                self._fail_path(item.path, item.reason)
-                continue
-            self._entry(item)
-        for entry, failure in self.writer.finish_dirs(self._dir_xattrs):
-            self.report.problem(entry.path, f"restored without its {failure}")
+        interrupted: Interrupted | None = None
+        try:
+            try:
+                for item in self.backup.entries():
+                    if isinstance(item, TreeProblem):
+                        self._fail_path(item.path, item.reason)
+                        continue
+                    self._entry(item)
+            except Interrupted as sig:
+                # What was restored keeps its directory metadata; the rest
+                # of the backup is not read, and the summary says so.
+                interrupted = sig
+            for entry, failure in self.writer.finish_dirs(self._dir_xattrs):
+                self.report.problem(entry.path, f"restored without its {failure}")
+        finally:
+            self.writer.close_all()
         for p in self._dir_problems:
             self.report.problem(p.path, p.reason, p.below)
+        self.report.left_out(self.writer.left_out, self.writer.dest_owner)
         unused = [
             f"key {src} (v2 identifier {k.identifier.hex()}, v1 descriptor "
             f"{k.descriptor.hex()}) matched no entry"
             for src, k in self.keys.unused()
         ]
+        if interrupted is not None:
+            self.report.interrupted(interrupted.signum)
         return self.report.finish(verify=verify, unused_keys=unused)
 
     # -- bookkeeping ------------------------------------------------------
@@ -157,7 +177,7 @@ class Restorer:
         else:
             self.report.problem(e.path, reason)
 
-    def _dest_path(self, e: Entry, parent: _Dir | None) -> bytes:
+    def _dest_path(self, e: Entry, parent: _Dir | None) -> Where:
         if parent is None:
             return self.writer.dest
         assert parent.dest is not None
@@ -206,7 +226,7 @@ class Restorer:
         except KeyMissingError as err:
             raise RestoreProblem(f"{key_label(ctx)}: {err}") from None
 
-    def _directory(self, e: Entry, dest: bytes) -> None:
+    def _directory(self, e: Entry, dest: Where) -> None:
         attrs = fscrypt_attrs(e.xattrs, regular=False)
         state = _Dir(dest=dest)
         if attrs is not None:
@@ -219,7 +239,7 @@ class Restorer:
         self._dir_xattrs[dest] = original_xattrs(e.xattrs)
         self.report.done()
 
-    def _non_directory(self, e: Entry, dest: bytes) -> None:
+    def _non_directory(self, e: Entry, dest: Where) -> None:
         if e.link_key is not None and e.link_key in self._links:
             self.writer.link(self._links[e.link_key], dest)
             self.report.done()
@@ -229,8 +249,8 @@ class Restorer:
             nbytes = self._regular(e, dest)
         elif e.kind is Kind.SYMLINK:
             self.writer.symlink(self._symlink_target(e), dest)
-        else:
-            self.writer.special(e, dest)
+        elif not self.writer.special(e, dest):
+            return  # left out by choice, counted by the writer
         failures = self.writer.metadata(dest, e, original_xattrs(e.xattrs))
         if e.link_key is not None:
             self._links[e.link_key] = dest
@@ -262,13 +282,13 @@ class Restorer:
             raise RestoreProblem("symlink target decrypts to an impossible target")
         return target
 
-    def _regular(self, e: Entry, dest: bytes) -> int:
+    def _regular(self, e: Entry, dest: Where) -> int:
         attrs = fscrypt_attrs(e.xattrs, regular=True)
         if attrs is None:
             return self._copy(e, dest)
         return self._decrypt(e, dest, attrs)
 
-    def _copy(self, e: Entry, dest: bytes) -> int:
+    def _copy(self, e: Entry, dest: Where) -> int:
         """An unencrypted file: copied, with all-zero blocks left as holes."""
         assert e.open is not None
         fd = self.writer.create(dest)
@@ -303,7 +323,7 @@ class Restorer:
         if start is not None:
             self.writer.write_at(fd, offset + start, mv[start:])
 
-    def _decrypt(self, e: Entry, dest: bytes, attrs: FscryptAttrs) -> int:
+    def _decrypt(self, e: Entry, dest: Where, attrs: FscryptAttrs) -> int:
         """Stream the ciphertext through the file key; all-zero units stay holes."""
         assert e.open is not None and attrs.size is not None
         ctx = attrs.context
