@@ -8,6 +8,7 @@ calling it directly; the pyfuse3 adapter only translates.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -39,7 +40,15 @@ from ciphertextfs.view.names import (
 from ciphertextfs.view.readahead import ReadAhead, is_small
 from ciphertextfs.view.xattrs import fscrypt_context_raw, passthrough_xattrs
 
-__all__ = ["Attr", "Entry", "View", "ViewNoAttr", "ViewNotFound", "SIDE_FILE_NAME"]
+__all__ = [
+    "Attr",
+    "DirectoryDamaged",
+    "Entry",
+    "View",
+    "ViewNoAttr",
+    "ViewNotFound",
+    "SIDE_FILE_NAME",
+]
 
 log = logging.getLogger("ciphertextfs")
 
@@ -56,6 +65,13 @@ class ViewNotFound(LookupError):
 
 class ViewNoAttr(LookupError):
     """No such extended attribute (ENODATA)."""
+
+
+class DirectoryDamaged(OSError):
+    """A lookup in a directory partly unreadable found nothing (EIO, not ENOENT)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(errno.EIO, what)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,9 +270,17 @@ class View:
     def entries(self, dir_ino: int) -> tuple[Entry, ...]:
         return self.listing(dir_ino).entries
 
+    def damage(self, dir_ino: int) -> tuple[str, ...]:
+        """What could not be read of a directory (empty when it is complete)."""
+        return self.listing(dir_ino).damage
+
     def lookup(self, dir_ino: int, name: bytes) -> int:
-        ino = self.listing(dir_ino).by_name.get(name)
+        listing = self.listing(dir_ino)
+        ino = listing.by_name.get(name)
         if ino is None:
+            if listing.damage:
+                # The name may be in what could not be read: not ENOENT.
+                raise DirectoryDamaged(f"directory inode {dir_ino}: {listing.damage[0]}")
             raise ViewNotFound(name)
         return ino
 
