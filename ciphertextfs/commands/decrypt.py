@@ -50,7 +50,8 @@ exit status:
   2  usage error or fatal error (unreadable SOURCE or key file, unusable DEST,
      DEST inside SOURCE)
   130, 143  stopped by SIGINT or SIGTERM: what was restored keeps its metadata,
-     the summary counts it, and the rest of the backup is not restored"""
+     the summary counts it, and the rest of the backup is not restored (a
+     second signal stops at once, leaving directories mode 0700)"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from ciphertextfs.restore.backup import BackupError, open_backup
     from ciphertextfs.restore.keys import KeyFileError, KeyRing
     from ciphertextfs.restore.report import EXIT_FATAL, Report
-    from ciphertextfs.restore.restorer import Interrupted, Restorer
+    from ciphertextfs.restore.restorer import Restorer
     from ciphertextfs.restore.writer import DestError, DestWriter, Privileges
 
     if args.verify and args.dest is not None:
@@ -164,16 +165,18 @@ def run(args: argparse.Namespace) -> int:
     )
     writer = DestWriter(args.dest or ".", dry=args.verify, privileges=privileges)
 
+    restorer = Restorer(backup, writer, keys, report, block_size=bs)
+
     def stop(signum: int, _frame: object) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Interrupted(signum)
+        # The restore stops at its next safe point; a second signal at once.
+        signal.signal(signum, signal.SIG_DFL)
+        restorer.signals.append(signum)
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with backup:
             try:
-                return Restorer(backup, writer, keys, report, block_size=bs).run(verify=args.verify)
+                return restorer.run(verify=args.verify)
             except DestError as e:
                 raise CommandError(str(e), EXIT_FATAL) from None
     finally:

@@ -82,6 +82,13 @@ class Restorer:
     _links: dict[object, Where] = field(default_factory=dict)
     _dir_problems: list[_DirProblem] = field(default_factory=list)
     _dir_xattrs: dict[Where, dict[bytes, bytes]] = field(default_factory=dict)
+    signals: list[int] = field(default_factory=list)
+    """Signals received (appended by a handler): the run stops at the next
+    entry or chunk, where nothing is left half done."""
+
+    def _check_stop(self) -> None:
+        if self.signals:
+            raise Interrupted(self.signals[0])
 
     def run(self, *, verify: bool) -> int:
         self.writer.prepare()
@@ -89,6 +96,7 @@ class Restorer:
         try:
             try:
                 for item in self.backup.entries():
+                    self._check_stop()
                     if isinstance(item, TreeProblem):
                         self._fail_path(item.path, item.reason)
                         continue
@@ -297,6 +305,7 @@ class Restorer:
             with e.open() as src:
                 offset = 0
                 while True:
+                    self._check_stop()
                     chunk = src.read(CHUNK)
                     if not chunk:
                         break
@@ -349,6 +358,7 @@ class Restorer:
             with e.open() as src:
                 offset = 0
                 while offset < need:
+                    self._check_stop()
                     chunk = src.read(min(chunk_size, need - offset))
                     if not chunk:
                         raise RestoreProblem(f"backup file ended after {offset} bytes")

@@ -38,7 +38,9 @@ from ciphertextfs.view.names import (
     side_file_ino,
 )
 from ciphertextfs.view.readahead import ReadAhead, is_small
-from ciphertextfs.view.xattrs import fscrypt_context_raw, passthrough_xattrs
+from ciphertextfs.view.xattrs import acl_read_only, fscrypt_context_raw, passthrough_xattrs
+
+ACL_ACCESS = b"system.posix_acl_access"
 
 __all__ = [
     "Attr",
@@ -241,7 +243,10 @@ class View:
         listing = self.listing(dir_ino)
         if listing.side_file is None:
             raise ViewNotFound(ino)
-        d = self._node(dir_ino).attr
+        dnode = self._node(dir_ino)
+        d = dnode.attr
+        acl = dnode.xattrs.get(ACL_ACCESS)
+        xattrs = {ACL_ACCESS: acl_read_only(acl)} if acl is not None else {}
         attr = Attr(
             st_ino=ino,
             st_mode=stat.S_IFREG | (d.st_mode & 0o444),
@@ -256,7 +261,9 @@ class View:
             st_ctime_ns=d.st_ctime_ns,
             generation=0,
         )
-        return Node(attr, {}, None, None)
+        # The directory's read permission exactly: its ACL too, which the
+        # kernel enforces on the side file as on the directory.
+        return Node(attr, xattrs, None, None)
 
     def _symlink_target(self, inode: Inode, ctx_raw: bytes, context: FscryptContext) -> bytes:
         extra = (inode.ino, self.fs.uuid) if context.needs_inode_number else None
