@@ -404,7 +404,8 @@ def test_privilege_is_a_choice(attacker, arena: Path) -> None:
     assert state(arena / "ex") == {**full, "trusted": False}
 
 
-def test_dest_inside_source_is_refused(arena: Path) -> None:
+def test_dest_inside_source_is_refused(tmp_path: Path) -> None:
+    arena = tmp_path
     src = arena / "src"
     plain_tree(src, 2, 2)
     key = key_file(arena)
@@ -420,7 +421,8 @@ def test_dest_inside_source_is_refused(arena: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_stops_cleanly(arena: Path, sig: signal.Signals) -> None:
+def test_signal_stops_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
+    arena = tmp_path
     src = arena / "src"
     total = plain_tree(src, 60, 100)
     for d in src.iterdir():
