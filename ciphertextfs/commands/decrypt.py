@@ -125,9 +125,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-add_parser = register
-
-
 def run(args: argparse.Namespace) -> int:
     from ciphertextfs.restore.backup import BackupError, open_backup
     from ciphertextfs.restore.keys import KeyFileError, KeyRing
