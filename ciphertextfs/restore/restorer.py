@@ -16,7 +16,7 @@ from ciphertextfs.fscrypt.keysetup import FileKey, derive_file_key
 from ciphertextfs.fscrypt.policy import FscryptContext
 from ciphertextfs.view.format import SIDE_FILE_NAME, XATTR_FSCRYPT_CONTEXT, parse_side_file
 
-from .backup import Backup, Entry, Kind, Path_, TreeProblem
+from .backup import ArchiveDamage, Backup, Entry, Kind, Path_, TreeProblem, show_path
 from .keys import KeyRing, key_label
 from .plan import (
     FscryptAttrs,
@@ -97,16 +97,20 @@ class Restorer:
             try:
                 for item in self.backup.entries():
                     self._check_stop()
-                    if isinstance(item, TreeProblem):
+                    if isinstance(item, ArchiveDamage):
+                        self.report.damage(item.reason)
+                    elif isinstance(item, TreeProblem):
                         self._fail_path(item.path, item.reason)
-                        continue
-                    self._entry(item)
+                    else:
+                        self._entry(item)
             except Interrupted as sig:
                 # What was restored keeps its directory metadata; the rest
                 # of the backup is not read, and the summary says so.
                 interrupted = sig
-            for entry, failure in self.writer.finish_dirs(self._dir_xattrs):
-                self.report.problem(entry.path, f"restored without its {failure}")
+            finally:
+                # Every directory restored gets its metadata, however reading ended.
+                for entry, failure in self.writer.finish_dirs(self._dir_xattrs):
+                    self.report.problem(entry.path, f"restored without its {failure}")
         finally:
             self.writer.close_all()
         for p in self._dir_problems:
@@ -252,6 +256,9 @@ class Restorer:
             self.writer.link(self._links[e.link_key], dest)
             self.report.done()
             return
+        if e.kind is Kind.REG and e.open is None:
+            target = show_path(e.link_key[1]) if isinstance(e.link_key, tuple) else "?"
+            raise RestoreProblem(f"hard link to {target}, which was not restored")
         nbytes = 0
         if e.kind is Kind.REG:
             nbytes = self._regular(e, dest)
