@@ -152,7 +152,7 @@ class CiphertextOperations(pyfuse3.Operations):
         self.timeout = float(view.cache_timeout)
         self.keep_cache = not getattr(view, "live", False)
         self._limiter = trio.CapacityLimiter(read_threads) if read_threads > 0 else None
-        self._dir_handles: dict[int, tuple[int, Sequence[Any]]] = {}
+        self._dir_handles: dict[int, tuple[int, Sequence[Any], bool]] = {}
         self._open_counts: dict[int, int] = {}
         self._can_store = True
         self._window_inodes: set[int] = set()
@@ -234,7 +234,7 @@ class CiphertextOperations(pyfuse3.Operations):
         entries = self.view.entries(ino)
         fh = self._next_fh
         self._next_fh += 1
-        self._dir_handles[fh] = (inode, entries)
+        self._dir_handles[fh] = (inode, entries, bool(self.view.damage(ino)))
         return fh
 
     @_fuse_errors
@@ -245,11 +245,17 @@ class CiphertextOperations(pyfuse3.Operations):
         that the kernel must not cache, so that the next stat of it answers
         EIO: a backup tool then reports that entry instead of never knowing
         it existed.
+
+        A directory partly damaged lists its sound entries, then fails with
+        EIO: the error must come in a reply of its own (an error reply
+        drops the entries of the same reply), so it answers the request
+        that starts past the last entry.
         """
-        dir_node, entries = self._dir_handles.get(fh, (None, None))
+        dir_node, entries, damaged = self._dir_handles.get(fh, (None, None, False))
         if entries is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         own = self._entry(self._to_view(dir_node))
+        added = 0
         for i in range(start_id, len(entries) + 2):
             if i < 2:
                 name, attr = (b".", b"..")[i], own
@@ -265,6 +271,10 @@ class CiphertextOperations(pyfuse3.Operations):
                         continue
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 return
+            added += 1
+        if damaged and not added:
+            log.error("readdir of inode %d: directory damaged, answering EIO", dir_node)
+            raise pyfuse3.FUSEError(errno.EIO)
 
     def _unreadable_entry(self, ino: int) -> pyfuse3.EntryAttributes | None:
         """Attributes for listing an entry whose inode answers EIO."""

@@ -1,12 +1,15 @@
 """`ciphertextfs decrypt`: restore the original tree from a backup of the view.
 
 Exit status: 0 everything restored, 1 some entries not restored (each
-reported on stderr), 2 usage or fatal error (nothing restored).
+reported on stderr), 2 usage or fatal error (nothing restored), 128+N
+stopped by signal N (SIGINT 130, SIGTERM 143) after a summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from ciphertextfs.commands import CommandError
@@ -37,13 +40,30 @@ A backup that lost its user.fscrypt.* xattrs (rsync -a without -X, tar
 without --xattrs at create or extract, cpio) can never be restored: it is
 detected, said so, and every entry it affects counts as not restored, also
 with --verify.  Entries without a context inside an encrypted directory and
-missing or damaged side files are reported one by one."""
+missing or damaged side files are reported one by one.
+
+Safety: nothing is written outside DEST, whoever can rename things in or
+above DEST or in SOURCE while the restore runs: DEST and every directory
+below it are used through directory fds opened without following
+symlinks, and files of a SOURCE directory are opened without following
+symlinks and checked to be the regular files that were listed.  DEST may
+not lie inside SOURCE.
+
+Privilege-granting attributes (owners, set-user-ID, set-group-ID and sticky
+bits, device nodes, security.* and trusted.* xattrs) are restored by
+default only when running as root into a DEST owned by root (or created
+in a directory owned by root); otherwise they are left out, and the
+summary counts what was left out.  The options below choose explicitly."""
 
 EPILOG = """\
 exit status:
   0  every entry restored (or, with --verify, restorable)
   1  some entries not restored; each is reported on stderr
-  2  usage error or fatal error (unreadable SOURCE or key file, unusable DEST)"""
+  2  usage error or fatal error (unreadable SOURCE or key file, unusable DEST,
+     DEST inside SOURCE)
+  130, 143  stopped by SIGINT or SIGTERM: what was restored keeps its metadata,
+     the summary counts it, and the rest of the backup is not restored (a
+     second signal stops at once, leaving directories mode 0700)"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -81,6 +101,35 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="block size of the original filesystem, the data unit size of policies "
         "without a custom one (default 4096)",
     )
+    priv = p.add_argument_group("privilege (default: on as root into a root-owned DEST, else off)")
+
+    def pair(name: str, dest: str, what: str) -> None:
+        priv.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=what)
+        priv.add_argument(f"--no-{name}", dest=dest, action="store_false", help="do not")
+
+    pair("same-owner", "owner", "restore owners and groups (as root only)")
+    pair("setid", "setid", "restore set-user-ID, set-group-ID and sticky bits")
+    pair("devices", "devices", "restore character and block device nodes (as root only)")
+    pair(
+        "privileged-xattrs",
+        "privileged_xattrs",
+        "restore security.* (file capabilities, LSM labels) and trusted.* xattrs",
+    )
+    priv.add_argument(
+        "--xattrs-include",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="restore only xattrs whose name matches a PATTERN (shell glob, repeatable); "
+        "a privileged xattr a PATTERN names is restored too",
+    )
+    priv.add_argument(
+        "--xattrs-exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="never restore xattrs whose name matches PATTERN (repeatable)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
     p.add_argument(
         "source", metavar="SOURCE", help="backup directory, tar archive, or - for standard input"
@@ -95,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from ciphertextfs.restore.keys import KeyFileError, KeyRing
     from ciphertextfs.restore.report import EXIT_FATAL, Report
     from ciphertextfs.restore.restorer import Restorer
-    from ciphertextfs.restore.writer import DestError, DestWriter
+    from ciphertextfs.restore.writer import DestError, DestWriter, Privileges
 
     if args.verify and args.dest is not None:
         raise CommandError("--verify takes SOURCE only, no DEST", EXIT_FATAL)
@@ -110,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         keys = KeyRing.from_args(args.key, args.v1_key)
     except KeyFileError as e:
         raise CommandError(str(e), EXIT_FATAL) from None
+    if args.dest is not None and dest_inside(args.source, args.dest):
+        raise CommandError(f"DEST {args.dest} lies inside SOURCE {args.source}", EXIT_FATAL)
     if args.source == "-" and sys.stdin.isatty():
         raise CommandError("refusing to read an archive from a terminal (SOURCE is -)", EXIT_FATAL)
     try:
@@ -117,9 +168,42 @@ def run(args: argparse.Namespace) -> int:
     except BackupError as e:
         raise CommandError(str(e), EXIT_FATAL) from None
     report = Report(stream=sys.stderr, quiet=args.quiet, progress=sys.stderr.isatty())
-    writer = DestWriter(args.dest or ".", dry=args.verify)
-    with backup:
-        try:
-            return Restorer(backup, writer, keys, report, block_size=bs).run(verify=args.verify)
-        except (DestError, BackupError) as e:
-            raise CommandError(str(e), EXIT_FATAL) from None
+    privileges = Privileges(
+        owner=args.owner,
+        setid=args.setid,
+        devices=args.devices,
+        privileged_xattrs=args.privileged_xattrs,
+        xattrs_include=args.xattrs_include,
+        xattrs_exclude=args.xattrs_exclude,
+    )
+    writer = DestWriter(args.dest or ".", dry=args.verify, privileges=privileges)
+
+    restorer = Restorer(backup, writer, keys, report, block_size=bs)
+
+    def stop(signum: int, _frame: object) -> None:
+        # The restore stops at its next safe point; a second signal at once.
+        signal.signal(signum, signal.SIG_DFL)
+        restorer.signals.append(signum)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with backup:
+            try:
+                return restorer.run(verify=args.verify)
+            except (DestError, BackupError) as e:
+                raise CommandError(str(e), EXIT_FATAL) from None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def dest_inside(source: str, dest: str) -> bool:
+    """Whether DEST (existing or not) is SOURCE or lies below it."""
+    src = os.path.realpath(source)
+    if not os.path.isdir(src):
+        return False
+    head, name = os.path.split(os.path.abspath(dest).rstrip("/") or "/")
+    where = os.path.join(os.path.realpath(head), name)
+    if os.path.lexists(where):
+        where = os.path.realpath(where)
+    return where == src or where.startswith(src.rstrip("/") + "/")

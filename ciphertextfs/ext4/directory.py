@@ -75,19 +75,36 @@ class Directories:
         return lambda de: ext4fs_dirhash(de.name, v, seed)
 
     def read_dir(self, inode: Inode) -> list[DirEntry]:
-        """All entries of a directory except "." and "..", in on-disk order."""
+        """All sound entries of a directory except "." and "..", in on-disk order."""
+        return self.read_dir_checked(inode)[0]
+
+    def read_dir_checked(self, inode: Inode) -> tuple[list[DirEntry], list[str]]:
+        """The sound entries of a directory, and what could not be read of it.
+
+        Each damaged block (a bad entry, a checksum that does not match, a
+        hole, an unreadable block) adds one message naming the directory's
+        inode and the block; its entries before a bad one are kept.  A
+        caller must not present a directory with damage as complete: the
+        kernel's ext4 fails such a listing with EBADMSG or EUCLEAN.
+        """
         if not inode.is_dir:
             raise CorruptError(f"inode {inode.ino} is not a directory")
         fs = self.fs
-        what = f"directory {inode.ino}"
+        what = f"directory inode {inode.ino}"
         hashed = (inode.i_flags & (EXT4_ENCRYPT_FL | EXT4_CASEFOLD_FL)) == (
             EXT4_ENCRYPT_FL | EXT4_CASEFOLD_FL
         )
+        damage: list[str] = []
+
+        def bad(msg: str) -> None:
+            damage.append(msg)
+            fs.warn(msg)
+
         common = {
             "inodes_count": fs.sb.s_inodes_count,
             "filetype": fs.sb.has_incompat(INCOMPAT_FILETYPE),
             "hashed": hashed,
-            "warn": fs.warn,
+            "warn": bad,
         }
         if inode.has_inline_data:
             data = fs.files.inline_data(inode)
@@ -97,21 +114,29 @@ class Directories:
             if len(data) > I_BLOCK_SIZE:
                 rest = data[I_BLOCK_SIZE:]
                 out += _dirent.parse_entries(rest, block_size=len(rest), what=what, **common)
-            return out
+            return out, damage
         bs = fs.block_size
         nblocks = -(-inode.i_size // bs)
         indexed = bool(inode.i_flags & EXT4_INDEX_FL)
         seed = fs.inode_csum_seed(inode)
         out = []
+        expect = 0
         for m in fs.files.mappings(inode):
             if m.lblk >= nblocks:
                 break
+            if m.lblk > expect:
+                bad(f"{what}: hole at block {expect}")
+            expect = max(expect, m.lblk + m.len)
             if m.unwritten:
                 continue
             for k in range(min(m.len, nblocks - m.lblk)):
                 lblk = m.lblk + k
-                block = fs.read_block(m.pblk + k, cache=False)
                 bwhat = f"{what} block {lblk}"
+                try:
+                    block = fs.read_block(m.pblk + k, cache=False)
+                except (CorruptError, OSError) as e:
+                    bad(f"{bwhat}: cannot be read: {e}")
+                    continue
                 if indexed and lblk == 0:
                     if seed is not None:
                         self._check_dx(block, _dirent.dx_root_count_offset(block), seed, bwhat)
@@ -122,11 +147,13 @@ class Directories:
                 elif seed is not None:
                     ok = _dirent.leaf_checksum_ok(block, seed)
                     if ok is None:
-                        fs.warn(f"{bwhat}: no directory checksum tail")
+                        bad(f"{bwhat}: no directory checksum tail")
                     elif not ok:
-                        fs.warn(f"{bwhat}: directory block checksum mismatch")
+                        bad(f"{bwhat}: directory block checksum mismatch")
                 out += _dirent.parse_entries(block, block_size=bs, what=bwhat, **common)
-        return out
+        if expect < nblocks:
+            bad(f"{what}: hole at block {expect}")
+        return out, damage
 
     def _check_dx(self, block: bytes, count_offset: int, seed: int, what: str) -> None:
         ok = _dirent.dx_checksum_ok(block, count_offset, seed)

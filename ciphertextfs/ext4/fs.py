@@ -322,8 +322,12 @@ class Filesystem:
         return self.dirs.readdir_hash(inode)
 
     def read_dir(self, inode: Inode) -> list[DirEntry]:
-        """All entries of a directory except "." and "..", in on-disk order."""
+        """All sound entries of a directory except "." and "..", in on-disk order."""
         return self.dirs.read_dir(inode)
+
+    def read_dir_checked(self, inode: Inode) -> tuple[list[DirEntry], list[str]]:
+        """The sound entries, and what could not be read (see Directories)."""
+        return self.dirs.read_dir_checked(inode)
 
     def xattrs(self, inode: Inode) -> list[Xattr]:
         """In-inode xattrs, then those of the EA block, EA inode values resolved."""

@@ -14,6 +14,8 @@ a stream can and cannot give).
 from __future__ import annotations
 
 import enum
+import errno
+import fcntl
 import io
 import os
 import stat
@@ -145,19 +147,21 @@ def _kind_of(st_mode: int) -> Kind | None:
     return None
 
 
-def _read_xattrs(path: bytes) -> dict[bytes, bytes]:
+def _read_xattrs(target: bytes | int) -> dict[bytes, bytes]:
+    """All xattrs of an open fd, or of a path whose last component is not followed."""
+    follow = isinstance(target, int)
     out: dict[bytes, bytes] = {}
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(target, follow_symlinks=follow)
     except OSError as e:
-        if e.errno in (95, 61):  # EOPNOTSUPP, ENODATA
+        if e.errno in (errno.EOPNOTSUPP, errno.ENODATA):
             return out
         raise
     for name in names:
         try:
-            out[os.fsencode(name)] = os.getxattr(path, name, follow_symlinks=False)
+            out[os.fsencode(name)] = os.getxattr(target, name, follow_symlinks=follow)
         except OSError as e:
-            if e.errno == 61:  # vanished between list and get
+            if e.errno == errno.ENODATA:  # vanished between list and get
                 continue
             raise
     return out
@@ -173,8 +177,53 @@ class TreeProblem(Exception):
         self.below = below
 
 
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _what(st_mode: int) -> str:
+    kind = _kind_of(st_mode)
+    return kind.value if kind is not None else f"file type {stat.S_IFMT(st_mode):o}"
+
+
+def open_listed(dir_fd: int, name: bytes, listed: os.stat_result, *, directory: bool) -> int:
+    """Open `name` below `dir_fd` only if it is still the object that was listed.
+
+    Someone who can write the backup tree may swap a file for a symlink (to
+    a file only root reads) or a FIFO (which would block a plain open):
+    O_NOFOLLOW refuses the first, O_NONBLOCK defuses the second, and the
+    fstat check catches whatever else took the listed name's place.
+    """
+    fd = os.open(name, O_DIR if directory else O_FILE, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        want = stat.S_IFDIR if directory else stat.S_IFREG
+        if stat.S_IFMT(st.st_mode) != want or (st.st_dev, st.st_ino) != (
+            listed.st_dev,
+            listed.st_ino,
+        ):
+            raise OSError(
+                errno.ESTALE,
+                f"changed since it was listed (now a {_what(st.st_mode)}, "
+                f"inode {st.st_ino} instead of {listed.st_ino})",
+            )
+        if not directory:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class TreeBackup(Backup):
-    """A directory holding an extracted copy of the view."""
+    """A directory holding an extracted copy of the view.
+
+    The tree is read through directory fds opened without following
+    symlinks, and every file is opened by fd and checked against what was
+    listed: whoever owns the backup tree cannot make a restore running as
+    root read anything outside it, nor make it hang.
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.fsencode(os.fspath(root))
@@ -185,28 +234,37 @@ class TreeBackup(Backup):
             raise BackupError(f"{os.fsdecode(self.root)}: {e.strerror}") from None
         if not stat.S_ISDIR(st.st_mode):
             raise BackupError(f"{os.fsdecode(self.root)}: not a directory")
+        # The directories being walked, root first: (path, fd).
+        self._open: list[tuple[Path_, int]] = []
+        self._dir_stats: dict[Path_, os.stat_result] = {}
 
-    def _abs(self, path: Path_) -> bytes:
-        return os.path.join(self.root, *path) if path else self.root
+    def _dir_fd(self, path: Path_) -> int | None:
+        for p, fd in reversed(self._open):
+            if p == path:
+                return fd
+        return None
 
     def side_file(self, dir_path: Path_) -> bytes | None:
-        p = os.path.join(self._abs(dir_path), SIDE_FILE_NAME)
+        dfd = self._dir_fd(dir_path)
+        if dfd is None:
+            return None
         try:
-            st = os.lstat(p)
+            st = os.stat(SIDE_FILE_NAME, dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:
             return None
         if not stat.S_ISREG(st.st_mode):
             return None
         if st.st_size > SIDE_FILE_MAX:
-            raise OSError(27, "side file too large")  # EFBIG
-        with open(p, "rb") as f:
+            raise OSError(errno.EFBIG, "side file too large")
+        with os.fdopen(open_listed(dfd, SIDE_FILE_NAME, st, directory=False), "rb") as f:
             return f.read(SIDE_FILE_MAX + 1)
 
-    def _entry(self, path: Path_, st: os.stat_result) -> Entry | None:
+    def _entry(
+        self, path: Path_, dfd: int, name: bytes, st: os.stat_result, own: int | None
+    ) -> Entry:
+        """The entry of `name` in `dfd`; `own` is the open fd of a directory."""
         kind = _kind_of(st.st_mode)
-        if kind is None:
-            return None
-        abspath = self._abs(path)
+        assert kind is not None
         e = Entry(
             path=path,
             kind=kind,
@@ -217,42 +275,113 @@ class TreeBackup(Backup):
             atime_ns=st.st_atime_ns,
             size=st.st_size if kind is Kind.REG else 0,
             rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)),
-            xattrs=_read_xattrs(abspath),
         )
         if kind is Kind.SYMLINK:
-            e.target = os.readlink(abspath)
-        if kind is Kind.REG:
-            e.open = lambda p=abspath: open(p, "rb")  # type: ignore[misc]
+            e.target = os.readlink(name, dir_fd=dfd)
+        if own is not None:
+            e.xattrs = _read_xattrs(own)
+        elif kind is Kind.REG:
+            fd = open_listed(dfd, name, st, directory=False)
+            try:
+                e.xattrs = _read_xattrs(fd)
+            finally:
+                os.close(fd)
+            e.open = lambda: os.fdopen(self._open_file(path, st), "rb")
+        else:
+            e.xattrs = _read_xattrs(b"/proc/self/fd/%d/%s" % (dfd, name))
         if kind is not Kind.DIR and st.st_nlink > 1:
             e.link_key = (st.st_dev, st.st_ino)
         return e
 
+    def _open_file(self, path: Path_, st: os.stat_result) -> int:
+        """Open a listed file: through its directory's fd while the walk is
+        in it, else from the root again, every directory checked on the way."""
+        dfd = self._dir_fd(path[:-1])
+        if dfd is not None:
+            return open_listed(dfd, path[-1], st, directory=False)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for depth in range(len(path) - 1):
+                listed = self._dir_stats.get(path[: depth + 1])
+                if listed is None:
+                    raise OSError(errno.ENOENT, "directory not listed")
+                nfd = open_listed(fd, path[depth], listed, directory=True)
+                os.close(fd)
+                fd = nfd
+            return open_listed(fd, path[-1], st, directory=False)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        for _, fd in self._open:
+            os.close(fd)
+        self._open.clear()
+
     def entries(self) -> Iterator[Entry | TreeProblem]:  # type: ignore[override]
         """Walk depth-first in name order, yielding a TreeProblem for unreadable objects."""
-        stack: list[Path_] = [()]
-        first = True
-        while stack:
-            path = stack.pop()
-            try:
-                st = os.lstat(self._abs(path))
-                e = self._entry(path, st)
-            except OSError as err:
-                yield TreeProblem(path, f"cannot read from the backup: {err.strerror}")
-                continue
-            if first and e is not None and e.kind is not Kind.DIR:
-                raise BackupError(f"{os.fsdecode(self.root)}: not a directory")
-            first = False
-            if e is None:
-                yield TreeProblem(path, f"unknown file type {stat.S_IFMT(st.st_mode):o}")
-                continue
-            yield e
-            if e.kind is Kind.DIR:
-                try:
-                    names = sorted(os.listdir(self._abs(path)))
-                except OSError as err:
-                    yield TreeProblem(path, f"cannot list in the backup: {err.strerror}")
+        try:
+            top = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            st = os.fstat(top)
+        except OSError as err:
+            raise BackupError(f"{os.fsdecode(self.root)}: {err.strerror}") from None
+        # Each frame: a directory's path and fd (also in self._open) and the
+        # names in it still to visit, last first.
+        stack: list[tuple[Path_, int, list[bytes]]] = []
+        try:
+            yield from self._visit((), top, b".", stack, st=st, own=top)
+            while stack:
+                path, dfd, names = stack[-1]
+                if not names:
+                    stack.pop()
+                    self._open.pop()
+                    os.close(dfd)
                     continue
-                stack.extend(path + (n,) for n in reversed(names))
+                name = names.pop()
+                yield from self._visit(path + (name,), dfd, name, stack)
+        finally:
+            self.close()
+
+    def _visit(
+        self,
+        path: Path_,
+        dfd: int,
+        name: bytes,
+        stack: list[tuple[Path_, int, list[bytes]]],
+        *,
+        st: os.stat_result | None = None,
+        own: int | None = None,
+    ) -> Iterator[Entry | TreeProblem]:
+        try:
+            if st is None:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if _kind_of(st.st_mode) is None:
+                if own is not None:
+                    os.close(own)
+                yield TreeProblem(path, f"unknown file type {stat.S_IFMT(st.st_mode):o}")
+                return
+            if own is None and stat.S_ISDIR(st.st_mode):
+                own = open_listed(dfd, name, st, directory=True)
+            if own is not None:
+                self._open.append((path, own))
+                self._dir_stats[path] = st
+            e = self._entry(path, dfd, name, st, own)
+        except OSError as err:
+            if own is not None:
+                self._open.pop()
+                os.close(own)
+            yield TreeProblem(path, f"cannot read from the backup: {err.strerror or err}")
+            return
+        yield e
+        if own is None:
+            return
+        try:
+            names = sorted(map(os.fsencode, os.listdir(own)), reverse=True)
+        except OSError as err:
+            self._open.pop()
+            os.close(own)
+            yield TreeProblem(path, f"cannot list in the backup: {err.strerror or err}")
+            return
+        stack.append((path, own, names))
 
 
 def _tar_path(raw: bytes) -> Path_ | None:

@@ -7,8 +7,10 @@ that key's single line (one line per key rather than thousands).
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -46,6 +48,7 @@ class Report:
     bytes_done: int = 0
     problems: list[tuple[Path_, str]] = field(default_factory=list)
     missing_keys: dict[str, _MissingKey] = field(default_factory=dict)
+    signum: int | None = None
     _start: float = field(default_factory=time.monotonic)
     _last_draw: float = 0.0
     _drawn: bool = False
@@ -108,6 +111,24 @@ class Report:
             self.stream.write("\r\x1b[K")
             self._drawn = False
 
+    def left_out(self, counts: Mapping[str, int], dest_owner: int | None) -> None:
+        """Privilege-granting attributes left out by choice (or by the default)."""
+        if not counts:
+            return
+        what = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        why = f" (DEST is owned by uid {dest_owner})" if dest_owner not in (None, 0) else ""
+        self.note(
+            f"left out{why}: {what}; see --same-owner, --setid, --devices, --privileged-xattrs"
+        )
+
+    def interrupted(self, signum: int) -> None:
+        """The run was stopped by a signal: what follows the summary was never read."""
+        self.signum = signum
+        self.note(
+            f"interrupted by {signal.Signals(signum).name}: the rest of the backup was "
+            "not read and is not restored"
+        )
+
     def finish(self, *, verify: bool, unused_keys: list[str] = ()) -> int:
         """Print the per-key lines and the summary; return the exit status."""
         for label, m in sorted(self.missing_keys.items()):
@@ -131,10 +152,13 @@ class Report:
                     "of the archive"
                     if self.damaged
                     else ""
-                ),
+                )
+                + (", the rest not read (interrupted)" if self.signum is not None else ""),
                 file=self.stream,
                 flush=True,
             )
+        if self.signum is not None:
+            return 128 + self.signum
         return EXIT_INCOMPLETE if self.failed or self.damaged else EXIT_OK
 
 

@@ -48,9 +48,9 @@ from .backup import ArchiveDamage, Backup, Entry, Kind, Path_, TreeProblem, show
 from .keys import KeyRing, key_label
 from .plan import RestoreProblem, check_plain_name, ciphertext_name, looks_nokey
 from .report import Report
-from .writer import DestWriter
+from .writer import DestWriter, Where
 
-__all__ = ["Restorer", "DEFAULT_BLOCK_SIZE", "CHUNK"]
+__all__ = ["Restorer", "Interrupted", "DEFAULT_BLOCK_SIZE", "CHUNK"]
 
 DEFAULT_BLOCK_SIZE = 4096
 CHUNK = 4 * 1024 * 1024  # bytes read and decrypted at a time: many data units
@@ -66,6 +66,14 @@ LOST_XATTRS = (
 )
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: stop reading the backup, finish what was restored."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _MissingKey(Exception):
     def __init__(self, label: str) -> None:
         super().__init__(label)
@@ -76,7 +84,7 @@ class _MissingKey(Exception):
 class _Dir:
     """What the children of one backup directory need."""
 
-    dest: bytes | None = None
+    dest: Where | None = None
     name_key: FileKey | None = None
     encrypted: bool = False
     side: SideFile | None = None
@@ -101,40 +109,59 @@ class Restorer:
     report: Report
     block_size: int = DEFAULT_BLOCK_SIZE
     _dirs: dict[Path_, _Dir] = field(default_factory=dict)
-    _links: dict[object, bytes] = field(default_factory=dict)
+    _links: dict[object, Where] = field(default_factory=dict)
     _dir_problems: list[_DirProblem] = field(default_factory=list)
-    _dir_xattrs: dict[bytes, dict[bytes, bytes]] = field(default_factory=dict)
+    _dir_xattrs: dict[Where, dict[bytes, bytes]] = field(default_factory=dict)
     _with_side: set[Path_] = field(default_factory=set)
     _fscrypt_seen: bool = False
     _evidence: int = 0
     _nokey_restored: list[Path_] = field(default_factory=list)
+    signals: list[int] = field(default_factory=list)
+    """Signals received (appended by a handler): the run stops at the next
+    entry or chunk, where nothing is left half done."""
+
+    def _check_stop(self) -> None:
+        if self.signals:
+            raise Interrupted(self.signals[0])
 
     def run(self, *, verify: bool) -> int:
         self.writer.prepare()
+        interrupted: Interrupted | None = None
         try:
-            for item in self.backup.entries():
-                if isinstance(item, ArchiveDamage):
-                    self.report.damage(item.reason)
-                    continue
-                if isinstance(item, TreeProblem):
-                    self._fail_path(item.path, item.reason)
-                    continue
-                self._forget_sides(item.path[:-1])
-                if has_fscrypt_xattrs(item.xattrs):
-                    self._fscrypt_seen = True
-                self._entry(item)
-            self._lost_xattrs_verdict()
+            try:
+                for item in self.backup.entries():
+                    self._check_stop()
+                    if isinstance(item, ArchiveDamage):
+                        self.report.damage(item.reason)
+                        continue
+                    if isinstance(item, TreeProblem):
+                        self._fail_path(item.path, item.reason)
+                        continue
+                    self._forget_sides(item.path[:-1])
+                    if has_fscrypt_xattrs(item.xattrs):
+                        self._fscrypt_seen = True
+                    self._entry(item)
+                self._lost_xattrs_verdict()
+            except Interrupted as sig:
+                # What was restored keeps its directory metadata; the rest
+                # of the backup is not read, and the summary says so.
+                interrupted = sig
+            finally:
+                # Every directory restored gets its metadata, however reading ended.
+                for entry, failure in self.writer.finish_dirs(self._dir_xattrs):
+                    self.report.problem(entry.path, f"restored without its {failure}")
         finally:
-            # Every directory restored gets its metadata, however reading ended.
-            for entry, failure in self.writer.finish_dirs(self._dir_xattrs):
-                self.report.problem(entry.path, f"restored without its {failure}")
+            self.writer.close_all()
         for p in self._dir_problems:
             self.report.problem(p.path, p.reason, p.below)
+        self.report.left_out(self.writer.left_out, self.writer.dest_owner)
         unused = [
             f"key {src} (v2 identifier {k.identifier.hex()}, v1 descriptor "
             f"{k.descriptor.hex()}) matched no entry"
             for src, k in self.keys.unused()
         ]
+        if interrupted is not None:
+            self.report.interrupted(interrupted.signum)
         return self.report.finish(verify=verify, unused_keys=unused)
 
     # -- bookkeeping ------------------------------------------------------
@@ -311,7 +338,7 @@ class Restorer:
         else:
             self.report.problem(e.path, reason)
 
-    def _dest_path(self, e: Entry, parent: _Dir | None) -> bytes:
+    def _dest_path(self, e: Entry, parent: _Dir | None) -> Where:
         if parent is None:
             return self.writer.dest
         assert parent.dest is not None
@@ -356,7 +383,7 @@ class Restorer:
         except KeyMissingError as err:
             raise RestoreProblem(f"{key_label(ctx)}: {err}") from None
 
-    def _directory(self, e: Entry, dest: bytes) -> None:
+    def _directory(self, e: Entry, dest: Where) -> None:
         attrs = decode_xattrs(e.xattrs, regular=False)
         parent = self._dirs.get(e.path[:-1]) if e.path else None
         inherited = parent.block_size if parent is not None else None
@@ -371,7 +398,7 @@ class Restorer:
         self._dir_xattrs[dest] = original_xattrs(e.xattrs)
         self.report.done()
 
-    def _non_directory(self, e: Entry, dest: bytes) -> None:
+    def _non_directory(self, e: Entry, dest: Where) -> None:
         if e.link_key is not None and e.link_key in self._links:
             self.writer.link(self._links[e.link_key], dest)
             self.report.done()
@@ -384,8 +411,8 @@ class Restorer:
             nbytes = self._regular(e, dest)
         elif e.kind is Kind.SYMLINK:
             self.writer.symlink(self._symlink_target(e), dest)
-        else:
-            self.writer.special(e, dest)
+        elif not self.writer.special(e, dest):
+            return  # left out by choice, counted by the writer
         failures = self.writer.metadata(dest, e, original_xattrs(e.xattrs))
         if e.link_key is not None:
             self._links[e.link_key] = dest
@@ -419,13 +446,13 @@ class Restorer:
             raise RestoreProblem("symlink target decrypts to an impossible target")
         return target
 
-    def _regular(self, e: Entry, dest: bytes) -> int:
+    def _regular(self, e: Entry, dest: Where) -> int:
         attrs = decode_xattrs(e.xattrs, regular=True)
         if attrs.context is None:
             return self._copy(e, dest)
         return self._decrypt(e, dest, attrs)
 
-    def _copy(self, e: Entry, dest: bytes) -> int:
+    def _copy(self, e: Entry, dest: Where) -> int:
         """An unencrypted file: copied, with all-zero blocks left as holes."""
         assert e.open is not None
         fd = self.writer.create(dest)
@@ -434,6 +461,7 @@ class Restorer:
             with e.open() as src:
                 offset = 0
                 while True:
+                    self._check_stop()
                     chunk = src.read(CHUNK)
                     if not chunk:
                         break
@@ -460,7 +488,7 @@ class Restorer:
         if start is not None:
             self.writer.write_at(fd, offset + start, mv[start:])
 
-    def _decrypt(self, e: Entry, dest: bytes, attrs: FscryptAttrs) -> int:
+    def _decrypt(self, e: Entry, dest: Where, attrs: FscryptAttrs) -> int:
         """Stream the ciphertext through the file key; all-zero units stay holes."""
         assert e.open is not None and attrs.size is not None and attrs.context is not None
         ctx = attrs.context
@@ -487,6 +515,7 @@ class Restorer:
             with e.open() as src:
                 offset = 0
                 while offset < need:
+                    self._check_stop()
                     chunk = src.read(min(chunk_size, need - offset))
                     if not chunk:
                         raise RestoreProblem(f"backup file ended after {offset} bytes")

@@ -8,6 +8,7 @@ calling it directly; the pyfuse3 adapter only translates.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -30,10 +31,20 @@ from ciphertextfs.view.names import (
 )
 from ciphertextfs.view.readahead import ReadAhead, is_small
 from ciphertextfs.view.symlinks import view_target
-from ciphertextfs.view.xattrs import fscrypt_context_raw, passthrough_xattrs
+from ciphertextfs.view.xattrs import acl_read_only, fscrypt_context_raw, passthrough_xattrs
 from ciphertextfs.viewformat import SIDE_FILE_NAME, encode_dir_xattrs, encode_inode_xattrs
 
-__all__ = ["Attr", "Entry", "View", "ViewNoAttr", "ViewNotFound", "SIDE_FILE_NAME"]
+ACL_ACCESS = b"system.posix_acl_access"
+
+__all__ = [
+    "Attr",
+    "DirectoryDamaged",
+    "Entry",
+    "View",
+    "ViewNoAttr",
+    "ViewNotFound",
+    "SIDE_FILE_NAME",
+]
 
 log = logging.getLogger("ciphertextfs")
 
@@ -50,6 +61,13 @@ class ViewNotFound(LookupError):
 
 class ViewNoAttr(LookupError):
     """No such extended attribute (ENODATA)."""
+
+
+class DirectoryDamaged(OSError):
+    """A lookup in a directory partly unreadable found nothing (EIO, not ENOENT)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(errno.EIO, what)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +224,10 @@ class View:
         listing = self.listing(dir_ino)
         if listing.side_file is None:
             raise ViewNotFound(ino)
-        d = self._node(dir_ino).attr
+        dnode = self._node(dir_ino)
+        d = dnode.attr
+        acl = dnode.xattrs.get(ACL_ACCESS)
+        xattrs = {ACL_ACCESS: acl_read_only(acl)} if acl is not None else {}
         attr = Attr(
             st_ino=ino,
             st_mode=stat.S_IFREG | (d.st_mode & 0o444),
@@ -221,7 +242,9 @@ class View:
             st_ctime_ns=d.st_ctime_ns,
             generation=0,
         )
-        return Node(attr, {}, None, None)
+        # The directory's read permission exactly: its ACL too, which the
+        # kernel enforces on the side file as on the directory.
+        return Node(attr, xattrs, None, None)
 
     # -- the API the adapter uses ---------------------------------------------
 
@@ -231,9 +254,17 @@ class View:
     def entries(self, dir_ino: int) -> tuple[Entry, ...]:
         return self.listing(dir_ino).entries
 
+    def damage(self, dir_ino: int) -> tuple[str, ...]:
+        """What could not be read of a directory (empty when it is complete)."""
+        return self.listing(dir_ino).damage
+
     def lookup(self, dir_ino: int, name: bytes) -> int:
-        ino = self.listing(dir_ino).by_name.get(name)
+        listing = self.listing(dir_ino)
+        ino = listing.by_name.get(name)
         if ino is None:
+            if listing.damage:
+                # The name may be in what could not be read: not ENOENT.
+                raise DirectoryDamaged(f"directory inode {dir_ino}: {listing.damage[0]}")
             raise ViewNotFound(name)
         return ino
 

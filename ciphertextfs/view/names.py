@@ -55,6 +55,8 @@ class Listing:
     by_name: dict[bytes, int]
     side_file: bytes | None
     """Contents of the long-name side file, or None when the directory needs none."""
+    damage: tuple[str, ...] = ()
+    """What could not be read of the directory: its listing is incomplete."""
 
 
 def side_file_ino(dir_ino: int) -> int:
@@ -69,10 +71,13 @@ def list_directory(fs: Filesystem, dir_inode: Inode, dir_ino: int) -> Listing:
     """Build the view's listing of one directory.
 
     Raises the ext4 layer's CorruptError when the directory itself cannot be
-    read; a duplicate name (only a damaged directory has one) keeps its first
-    entry and is logged.
+    read; a directory partly damaged lists its sound entries and records the
+    damage, which the adapter reports after them; a duplicate name (only a
+    damaged directory has one) keeps its first entry and is logged.
     """
-    raw = fs.read_dir(dir_inode)
+    raw, damage = fs.read_dir_checked(dir_inode)
+    for msg in damage:
+        log.error("bad directory: %s; the listing of inode %d fails with EIO", msg, dir_ino)
     entries: list[Entry] = []
     by_name: dict[bytes, int] = {}
     long_names: list[tuple[bytes, bytes]] = []
@@ -104,7 +109,7 @@ def list_directory(fs: Filesystem, dir_inode: Inode, dir_ino: int) -> Listing:
         else:
             by_name[SIDE_FILE_NAME] = side_file_ino(dir_ino)
             entries.insert(0, Entry(SIDE_FILE_NAME, side_file_ino(dir_ino)))
-    return Listing(tuple(entries), by_name, side)
+    return Listing(tuple(entries), by_name, side, tuple(damage))
 
 
 def _long_symlinks(fs: Filesystem, raw: list) -> dict[int, bytes]:

@@ -81,6 +81,20 @@ def ext4_acl_to_posix(value: bytes) -> bytes:
     return b"".join(out)
 
 
+def acl_read_only(posix_acl: bytes) -> bytes:
+    """The same ACL (VFS format) with every entry cut down to its read bit.
+
+    A file given this ACL of a directory grants read access to exactly
+    those the directory grants read (listing) access, named users and
+    groups and the mask included.
+    """
+    out = bytearray(posix_acl)
+    for pos in range(4 + 2, len(out) - 5, 8):
+        out[pos] &= 4
+        out[pos + 1] = 0
+    return bytes(out)
+
+
 def passthrough_xattrs(xattrs: list[Xattr], ino: int) -> dict[bytes, bytes]:
     """Map the inode's on-disk xattrs to the names the view shows.
 
