@@ -13,6 +13,8 @@ import logging
 import os
 import stat
 import sys
+import textwrap
+from collections.abc import Sequence
 from typing import Any
 
 from ciphertextfs.commands import PROG, CommandError
@@ -26,7 +28,49 @@ MOUNT_OPTIONS = {
     "debug": "trace every FUSE request to stderr; implies -f",
     "ro": "read-only (always on)",
     "default_permissions": "the kernel checks file modes and ACLs (always on)",
+    "noexec": "do not allow programs in the view to be executed",
 }
+
+#: Options mount(8), mount.fuse3 and systemd put into an option list, or an
+#: fstab line holds for them, that mean nothing to the view: accepted and
+#: ignored.  The view is always nodev,nosuid (it shows device nodes and
+#: set-user-ID files of someone else's filesystem): dev and suid, which
+#: mount.fuse3 adds whenever nodev and nosuid are absent, do not turn that off.
+IGNORED_OPTIONS = frozenset(
+    {
+        "defaults",
+        "auto",
+        "noauto",
+        "nofail",
+        "_netdev",
+        "user",
+        "users",
+        "nouser",
+        "owner",
+        "group",
+        "dev",
+        "nodev",
+        "suid",
+        "nosuid",
+        "exec",
+        "atime",
+        "noatime",
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "nostrictatime",
+        "diratime",
+        "nodiratime",
+        "lazytime",
+        "nolazytime",
+        "async",
+        "sync",
+    }
+)
+
+#: Prefixes of options that belong to mount(8) or systemd (x-systemd.automount,
+#: x-systemd.requires=..., x-mount.mkdir, comment=...).
+IGNORED_PREFIXES = ("x-", "comment=")
 
 DESCRIPTION = """\
 Mount a read-only view of an ext4 filesystem at MOUNTPOINT in which files
@@ -62,6 +106,14 @@ process also unmounts."""
 EPILOG = """\
 mount options (-o, comma-separated):
 {options}
+{ignored}
+
+fstab and mount -t:
+  mount(8) runs 'mount.fuse3', which runs '{prog} SOURCE MOUNTPOINT -o OPTIONS';
+  that form is the same as '{prog} mount -o OPTIONS SOURCE MOUNTPOINT':
+    mount -t fuse.ciphertextfs /dev/vg/home-snap /mnt/view -o ro,allow_other
+    # /etc/fstab:
+    /dev/vg/home-snap  /mnt/view  fuse.ciphertextfs  ro,allow_other,noauto,nofail  0 0
 
 exit status:
   0  mounted (with -f: served, then unmounted cleanly)
@@ -82,13 +134,22 @@ examples:
 """
 
 
+def ignored_options_text() -> str:
+    names = ", ".join([*sorted(IGNORED_OPTIONS), "x-*", "comment=*"])
+    text = (
+        f"Also accepted and ignored, as in an fstab line: {names}.  The view is always "
+        "read-only, nodev and nosuid; 'rw' is refused."
+    )
+    return textwrap.fill(text, width=78, initial_indent="  ", subsequent_indent="  ")
+
+
 def register(subparsers: Any) -> None:
     options = "\n".join(f"  {name:<20} {text}" for name, text in MOUNT_OPTIONS.items())
     p = subparsers.add_parser(
         "mount",
         help="mount the ciphertext view of an ext4 filesystem",
         description=DESCRIPTION,
-        epilog=EPILOG.format(options=options),
+        epilog=EPILOG.format(options=options, ignored=ignored_options_text(), prog=PROG),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -116,19 +177,35 @@ def register(subparsers: Any) -> None:
 
 
 def parse_options(values: list[str]) -> set[str]:
+    """The view's own options named in `values`; CommandError (exit 2) for a wrong one."""
     chosen = set()
     for value in values:
         for name in value.split(","):
             name = name.strip()
-            if not name:
+            if not name or name in IGNORED_OPTIONS or name.startswith(IGNORED_PREFIXES):
                 continue
             if name == "rw":
-                raise CommandError("option 'rw': the view is always read-only", exit_code=2)
+                raise CommandError(
+                    "option 'rw': the view is always read-only (give 'ro')", exit_code=2
+                )
             if name not in MOUNT_OPTIONS:
                 known = ", ".join(MOUNT_OPTIONS)
                 raise CommandError(f"unknown mount option '{name}' (known: {known})", 2)
             chosen.add(name)
     return chosen
+
+
+def helper_argv(argv: Sequence[str], commands: Sequence[str]) -> list[str]:
+    """The argument list with mount.fuse3's form turned into the mount command's.
+
+    mount(8) hands fuse.* types to mount.fuse3, which runs `ciphertextfs
+    SOURCE MOUNTPOINT -o OPTIONS`: a first argument that is neither a
+    command nor an option is that form.
+    """
+    argv = list(argv)
+    if argv and argv[0] not in commands and not argv[0].startswith("-"):
+        return ["mount", *argv]
+    return argv
 
 
 def check_mountpoint(path: str) -> None:
@@ -233,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
     opts = fuse_options(
         os.path.abspath(args.source), allow_other="allow_other" in options, debug=debug
     )
+    if "noexec" in options:
+        opts.add("noexec")
     mountpoint = os.path.abspath(args.mountpoint)
     if foreground:
         return serve_foreground(ops, mountpoint, opts)
