@@ -17,7 +17,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from ciphertextfs.commands import PROG, CommandError
+from ciphertextfs.commands import PROG, CommandError, mountlog
 
 log = logging.getLogger("ciphertextfs")
 
@@ -101,7 +101,15 @@ modes and ACLs (default_permissions is always on).
 Unless -f is given, the command returns once the view answers requests
 and a background process serves it.  Unmount with 'fusermount3 -u
 MOUNTPOINT' or 'umount MOUNTPOINT'; SIGTERM or SIGINT to the serving
-process also unmounts."""
+process also unmounts.
+
+In the background the view logs to syslog (the journal on systemd
+machines) under the name ciphertextfs, or with --log to a file: one line
+per damaged object (inode, directory entry, read error), at most 20
+warnings a minute and then a line counting those suppressed, and at
+unmount a summary (entries listed, lookups, bytes read, errors) at info
+level.  Without a syslog daemon (/dev/log) warnings and errors go to the
+kernel log (dmesg).  With -f everything goes to stderr."""
 
 EPILOG = """\
 mount options (-o, comma-separated):
@@ -169,7 +177,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--log",
         metavar="FILE",
-        help="append warnings (damaged inodes, read errors) to FILE when in the background",
+        help="in the background, append warnings (damaged inodes, read errors) and the "
+        "summary at unmount to FILE instead of syslog",
     )
     p.add_argument("source", metavar="SOURCE", help="ext4 block device, image file or directory")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory, not in use")
@@ -261,28 +270,11 @@ def open_source(path: str) -> tuple[Any, Any]:
     return fs, source
 
 
-def configure_logging(foreground: bool, debug: bool, log_file: str | None) -> None:
-    log.propagate = False
-    log.setLevel(logging.DEBUG if debug else logging.WARNING)
-    handler: logging.Handler
-    if foreground or debug:
-        handler = logging.StreamHandler(sys.stderr)
-    elif log_file:
-        try:
-            handler = logging.FileHandler(log_file)
-        except OSError as e:
-            raise CommandError(f"{log_file}: {e.strerror}") from None
-    else:
-        handler = logging.NullHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s ciphertextfs[%(process)d]: %(message)s"))
-    log.addHandler(handler)
-
-
 def run(args: argparse.Namespace) -> int:
     options = parse_options(args.options)
     debug = "debug" in options
     foreground = args.foreground or debug
-    configure_logging(foreground, debug, args.log)
+    mountlog.configure(log, foreground, debug, args.log)
 
     fs, source = open_source(args.source)
     check_mountpoint(args.mountpoint)
@@ -318,6 +310,19 @@ def run(args: argparse.Namespace) -> int:
     return serve_background(ops, mountpoint, opts, args.log)
 
 
+def log_summary(ops: Any, mountpoint: str) -> None:
+    s = ops.stats
+    log.info(
+        "%s unmounted: %d entries listed, %d lookups, %d bytes read, %d errors",
+        mountpoint,
+        s.entries,
+        s.lookups,
+        s.bytes,
+        s.errors,
+    )
+    mountlog.finish(log)
+
+
 def serve_foreground(ops: Any, mountpoint: str, opts: set[str]) -> int:
     from ciphertextfs.fuse import serve
 
@@ -325,6 +330,7 @@ def serve_foreground(ops: Any, mountpoint: str, opts: set[str]) -> int:
         serve(ops, mountpoint, opts)
     except RuntimeError as e:
         raise CommandError(f"{mountpoint}: cannot mount: {e}") from None
+    log_summary(ops, mountpoint)
     return 0
 
 
@@ -367,6 +373,7 @@ def serve_background(ops: Any, mountpoint: str, opts: set[str], log_file: str | 
         code = 0
         try:
             serve(ops, mountpoint, opts, on_ready)
+            log_summary(ops, mountpoint)
         except BaseException as e:  # noqa: BLE001 - report whatever ends the child
             code = 1
             if ready:
