@@ -151,6 +151,7 @@ def program_page(parser: argparse.ArgumentParser) -> str:
     out += [".PP", escape(usage(parser))]
     out.append(".SH DESCRIPTION")
     out += help_text(parser.description or "")
+    out += help_text(parser.epilog or "")
     out.append(".PP")
     out.append("Commands:")
     for name, text, _sub in cmds:
@@ -200,15 +201,17 @@ def inline(text: str) -> str:
 
 
 def _table(rows: list[list[str]]) -> list[str]:
+    """A tbl table: the first column as wide as its longest cell, the others wrapped."""
     header, body = rows[0], rows[1:]
     n = len(header)
-    spec = " ".join(["lb"] * n) + "\n" + " ".join(["lx"] * n) + "."
-    out = [".TS", "allbox tab(\x07);", *spec.split("\n")]
-    out.append("\x07".join(f"T{{\n{inline(c)}\nT}}" for c in header))
-    for row in body:
-        row = (row + [""] * n)[:n]
-        out.append("\x07".join(f"T{{\n{inline(c)}\nT}}" for c in row))
-    out.append(".TE")
+
+    def row(cells: list[str]) -> str:
+        cells = (cells + [""] * n)[:n]
+        rest = [f"T{{\n{inline(c)}\nT}}" for c in cells[1:]]
+        return "\x07".join([inline(cells[0]), *rest])
+
+    out = [".TS", "allbox tab(\x07);", " ".join(["lb"] * n), "l" + " lx" * (n - 1) + "."]
+    out += [row(header), *(row(r) for r in body), ".TE"]
     return out
 
 

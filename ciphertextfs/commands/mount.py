@@ -105,8 +105,8 @@ process also unmounts.
 
 In the background the view logs to syslog (the journal on systemd
 machines) under the name ciphertextfs, or with --log to a file: one line
-per damaged object (inode, directory entry, read error), at most 20
-warnings a minute and then a line counting those suppressed, and at
+per damaged object (inode, directory entry, read error), at most {burst}
+warnings per {interval:g} s and then a line counting those suppressed, and at
 unmount a summary (entries listed, lookups, bytes read, errors) at info
 level.  Without a syslog daemon (/dev/log) warnings and errors go to the
 kernel log (dmesg).  With -f everything goes to stderr."""
@@ -156,7 +156,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "mount",
         help="mount the ciphertext view of an ext4 filesystem",
-        description=DESCRIPTION,
+        description=DESCRIPTION.format(burst=mountlog.BURST, interval=mountlog.INTERVAL),
         epilog=EPILOG.format(options=options, ignored=ignored_options_text(), prog=PROG),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
