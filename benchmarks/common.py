@@ -16,6 +16,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -298,9 +299,9 @@ def write_chart(
     readers: list[str] = []
     for bars in groups.values():
         readers += [r for r in bars if r not in readers]
-    fig, axes = plt.subplots(
-        1, len(groups), figsize=(4.2 * len(groups) + 0.8, 4.2), squeeze=False, layout="constrained"
-    )
+    panel = max(4.2, 1.25 * max(len(bars) for bars in groups.values()))
+    size = (panel * len(groups) + 0.8, 4.4)
+    fig, axes = plt.subplots(1, len(groups), figsize=size, squeeze=False, layout="constrained")
     colours = plt.get_cmap("tab10")
     for ax, (group, bars) in zip(axes[0], groups.items(), strict=True):
         names = [r for r in readers if r in bars]
@@ -308,7 +309,8 @@ def write_chart(
         positions = range(len(names))
         rects = ax.bar(positions, values, color=[colours(readers.index(r)) for r in names])
         ax.bar_label(rects, labels=[f"{v:.2f}" for v in values], padding=2, fontsize=9)
-        ax.set_xticks(list(positions), names, rotation=15, ha="right", fontsize=9)
+        labels = [textwrap.fill(n, 16) for n in names]
+        ax.set_xticks(list(positions), labels, fontsize=9)
         ax.set_title(group, fontsize=10)
         ax.set_ylabel(ylabel)
         ax.set_ylim(0, max(values) * 1.18 if values else 1)
