@@ -13,42 +13,27 @@ synthetic numbers above 2**32).  pyfuse3 reports the node id as `st_ino`, so
 every file keeps its original inode number and hard links stay visible to
 `tar` and `rsync -H`; only the view's root directory reports inode 1.
 
-Caching, measured on the 2-core test VM with the real View: `tar -cf - |
-cat >/dev/null` of a 256 MiB file through the view, cold caches:
+View files use the page cache (FOPEN_DIRECT_IO would turn every
+application read into a round trip and a device read), and the daemon
+bounds what a backup leaves there: after every `CACHE_WINDOW` bytes read
+through the view, the pages of the files read meanwhile are invalidated in
+one batch, so a full backup does not push the host's working set out.
+Source blocks are read with O_DIRECT by the ext4 layer and are not cached
+twice.
 
-    page cache, readahead 1 MiB, 32 MiB window, 2 read threads   1.2-1.9 s
-    page cache, same, reads in the event loop                    1.2-2.1 s
-    page cache without the window (peak cache +256 MiB)          1.2-1.7 s
-    FOPEN_DIRECT_IO, reads in the event loop                     5.3-9.1 s
-    FOPEN_DIRECT_IO, 2 read threads                              19.9 s
-
-FOPEN_DIRECT_IO keeps view files out of the page cache but turns every
-application read (tar: 10 KiB) into one FUSE round trip and one device read.
-So view files use the page cache, and the daemon bounds what a backup
-leaves there: after every `CACHE_WINDOW` bytes read through the view, the
-pages of the files read meanwhile are invalidated in one batch (measured
-peak growth of the page cache about 32 MiB), so a full backup does not push
-the host's working set out.  Source blocks are read with O_DIRECT by the
-ext4 layer and are not cached twice.
-
-Readahead of the mount is raised to 16 MiB: the kernel then keeps several
-1 MiB requests (the largest libfuse 3.14 negotiates, max_pages 256) in
-flight, so the device read of one overlaps with the reply of another (1 GiB
-of 4 MiB files: 2.3 s against 2.9 s with 1 MiB).  Large reads run in two
-worker threads for that overlap and so that lookups and getattr keep being
-answered meanwhile; small reads are answered in the event loop, where they
-cost less than the hand-off to a thread (20,000 small files: 8 s against
-16 s with every read in a thread and a per-file invalidation on release).
+The mount's readahead is raised so that the kernel keeps several 1 MiB
+requests in flight and the device read of one overlaps the reply of
+another.  Large reads run in worker threads for that overlap, and so that
+lookups and getattr keep being answered meanwhile; small reads are answered
+in the event loop, where they cost less than the hand-off to a thread.
 libfuse's max_read option cannot be used: pyfuse3 has no way to set the
 matching conn->max_read and libfuse then refuses to mount.
 
-Small files (view size up to 64 KiB) are read ahead a directory batch at a
-time by the view (`ciphertextfs.view.readahead`), and open() hands their
-whole contents to the page cache with notify_store before it answers: the
-reader's read() is then served by the kernel, so a small file costs two
-FUSE requests (open, release) instead of three.  20,000 small files, tar
-over the view: 8.4 s with a device read and a FUSE read per file, 5.6 s
-with the batched read-ahead, 4.3 s with the store on open.
+Small files are read ahead a directory batch at a time by the view
+(`ciphertextfs.view.readahead`), and open() hands their whole contents to
+the page cache with notify_store before it answers, so the reader's read()
+is served by the kernel.  The measurements behind each of these choices
+are in benchmarks/RESULTS.md ("Design measurements").
 """
 
 from __future__ import annotations
@@ -90,8 +75,6 @@ SMALL_READ = 128 << 10
 #: while a large read is in progress.
 READ_THREADS = 2
 
-#: EXT4_FEATURE_INCOMPAT_EXTENTS
-INCOMPAT_EXTENTS = 0x40
 
 #: ext4 file names are at most 255 bytes.
 NAME_MAX = 255
@@ -454,7 +437,7 @@ class CiphertextOperations(pyfuse3.Operations):
             s.f_blocks, s.f_bfree, s.f_bavail = v.f_blocks, v.f_bfree, v.f_bavail
             s.f_files, s.f_ffree, s.f_favail = v.f_files, v.f_ffree, v.f_favail
         else:
-            blocks, free, reserved = superblock_counts(self.sb)
+            blocks, free, reserved = self.sb.statfs_counts()
             s.f_bsize = s.f_frsize = self.sb_block_size
             s.f_blocks = blocks
             s.f_bfree = free
@@ -478,32 +461,6 @@ class CiphertextOperations(pyfuse3.Operations):
     create = _async_erofs
     setxattr = _async_erofs
     removexattr = _async_erofs
-
-
-def superblock_counts(sb: Any) -> tuple[int, int, int]:
-    """(blocks, free blocks, reserved blocks) from the 64-bit split fields.
-
-    The high halves only count with the 64bit feature; without it they are
-    whatever was left in the padding.  Free may exceed the total on a
-    damaged superblock, which statfs must not report.
-    """
-    wide = sb.is_64bit
-
-    def field(name: str) -> int:
-        lo = getattr(sb, f"{name}_lo")
-        hi = getattr(sb, f"{name}_hi") if wide else 0
-        return (hi << 32) | lo
-
-    blocks = field("s_blocks_count")
-    free = min(field("s_free_blocks_count"), blocks)
-    reserved = field("s_r_blocks_count")
-    if sb.s_feature_incompat & INCOMPAT_EXTENTS:
-        # The kernel also holds back 2% (at most 4096 clusters) for extent
-        # tree splits on extent filesystems; df on the view shows what df on
-        # the filesystem would.
-        cluster = sb.cluster_size // sb.block_size
-        reserved += min(blocks // cluster // 50, 4096) * cluster
-    return blocks, free, min(reserved, blocks)
 
 
 def fuse_options(source: str, *, allow_other: bool = False, debug: bool = False) -> set[str]:

@@ -11,37 +11,53 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Any
 
+_MISSING = object()
+
 
 class LRU:
-    """A small thread-safe LRU bounded by item count (and optionally by bytes)."""
+    """A small thread-safe LRU bounded by item count (and optionally by bytes).
+
+    Each entry is charged the `size` given when it was put, and exactly that
+    is taken off again when it is replaced or evicted, so the byte count
+    always equals what is held.  Any value may be cached, None included:
+    `get` tells a miss by its `default`.
+    """
 
     def __init__(self, max_items: int, max_bytes: int | None = None) -> None:
-        self._d: OrderedDict[Hashable, Any] = OrderedDict()
+        self._d: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
         self._max_items = max_items
         self._max_bytes = max_bytes
         self._bytes = 0
 
-    def get(self, key: Hashable) -> Any:
+    def get(self, key: Hashable, default: Any = None) -> Any:
         with self._lock:
-            value = self._d.get(key)
-            if value is not None:
-                self._d.move_to_end(key)
-            return value
+            item = self._d.get(key, _MISSING)
+            if item is _MISSING:
+                return default
+            self._d.move_to_end(key)
+            return item[0]
 
     def put(self, key: Hashable, value: Any, size: int = 0) -> None:
         with self._lock:
             old = self._d.pop(key, None)
-            if old is not None and self._max_bytes is not None:
-                self._bytes -= len(old)
-            self._d[key] = value
+            if old is not None:
+                self._bytes -= old[1]
+            self._d[key] = (value, size)
             self._bytes += size
             while len(self._d) > self._max_items or (
                 self._max_bytes is not None and self._bytes > self._max_bytes and self._d
             ):
-                _, dropped = self._d.popitem(last=False)
-                if self._max_bytes is not None:
-                    self._bytes -= len(dropped)
+                _, (_value, dropped) = self._d.popitem(last=False)
+                self._bytes -= dropped
+
+    @property
+    def bytes(self) -> int:
+        """The sizes charged for what is held now."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._d)
 
     def clear(self) -> None:
         with self._lock:

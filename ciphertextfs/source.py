@@ -15,8 +15,9 @@ import os
 import stat
 from dataclasses import dataclass
 
+from ciphertextfs.ext4.inode import EXT4_ROOT_INO
+
 MOUNTINFO = "/proc/self/mountinfo"
-EXT4_ROOT_INO = 2
 
 
 class SourceError(Exception):

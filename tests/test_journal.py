@@ -376,6 +376,22 @@ def test_damaged_data_block_is_skipped(snapshots) -> None:
     data[100:200] = bytes(b ^ 0xFF for b in data[100:200])
     overlay, warnings = _timed_replay(blocks)
     assert any("checksum mismatch" in w and str(tag.fs_block) in w for w in warnings)
+    # The damaged copy is not replayed: the block keeps the newest older
+    # copy the journal holds, or, with none, its home location.
+    older = [
+        other
+        for t in committed
+        for other in t.tags
+        if other.fs_block == tag.fs_block and other is not tag
+    ]
+    assert overlay.get(tag.fs_block) != bytes(data)
+    if older:
+        want = bytearray(blocks.log(older[-1].log_block))
+        if older[-1].flags & JBD2_FLAG_ESCAPE:
+            want[0:4] = struct.pack(">I", JBD2_MAGIC_NUMBER)
+        assert overlay.get(tag.fs_block) == bytes(want)
+    else:
+        assert tag.fs_block not in overlay
 
 
 def test_absurd_descriptor_terminates(snapshots) -> None:

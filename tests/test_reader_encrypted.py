@@ -31,6 +31,7 @@ from ciphertextfs.ext4.superblock import (
     COMPAT_STABLE_INODES,
     INCOMPAT_INLINE_DATA,
 )
+from ciphertextfs.ext4.xattr import EXT4_XATTR_INDEX_ENCRYPTION
 from ciphertextfs.fscrypt import kernel
 from ciphertextfs.fscrypt.crypto import decrypt_contents
 from ciphertextfs.fscrypt.fname import (
@@ -40,9 +41,6 @@ from ciphertextfs.fscrypt.fname import (
     parse_symlink_body,
 )
 from ciphertextfs.fscrypt.nokey import parse_nokey_name
-from ciphertextfs.fscrypt.policy import (
-    EXT4_XATTR_INDEX_ENCRYPTION,
-)
 from ciphertextfs.view.model import View
 from tests import harness, trees
 

@@ -19,11 +19,13 @@ from pathlib import Path
 
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
+from ciphertextfs.ext4.xattr import (
+    EXT4_XATTR_INDEX_ENCRYPTION,
+    EXT4_XATTR_NAME_ENCRYPTION_CONTEXT,
+)
 from ciphertextfs.fscrypt import kernel
 from ciphertextfs.fscrypt.keysetup import FileKey, MasterKey, derive_file_key
 from ciphertextfs.fscrypt.policy import (
-    EXT4_XATTR_INDEX_ENCRYPTION,
-    EXT4_XATTR_NAME_ENCRYPTION_CONTEXT,
     FSCRYPT_POLICY_FLAG_IV_INO_LBLK_32,
     FSCRYPT_POLICY_FLAG_IV_INO_LBLK_64,
     FSCRYPT_POLICY_FLAGS_PAD_4,

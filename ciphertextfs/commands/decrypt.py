@@ -15,9 +15,15 @@ DESCRIPTION = """\
 Decrypt a backup of the ciphertext view into DEST with the owner's keys.
 
 SOURCE is a directory holding a copy of the view (tar --xattrs -x,
-rsync -aHAX) or a tar archive made from the view (any compression), read
-directly.  DEST must not exist or be an empty directory; it may lie in an
-unlocked fscrypt-encrypted directory (the kernel re-encrypts).
+rsync -aHAX), a tar archive made from the view, read directly, or "-" for
+a tar stream on standard input, read in one pass (zstd -dc home.tar.zst |
+ciphertextfs decrypt --key alice.key - /restore).  Archives may be
+uncompressed or compressed with gzip, bzip2, xz or zstd (found by content,
+not by name).  A damaged archive is read past the damage: each region lost
+is reported ("damaged archive: ...") and the rest is restored.
+
+DEST must not exist or be an empty directory; it may lie in an unlocked
+fscrypt-encrypted directory (the kernel re-encrypts).
 
 Key files hold a raw 64-byte master key.  v2 policies find their key by
 its identifier; v1 policies by the descriptor given with --v1-key, or else
@@ -70,13 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "without a custom one (default 4096)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
-    p.add_argument("source", metavar="SOURCE", help="backup directory or tar archive")
+    p.add_argument(
+        "source", metavar="SOURCE", help="backup directory, tar archive, or - for standard input"
+    )
     p.add_argument("dest", metavar="DEST", nargs="?", help="where to restore (not with --verify)")
     p.set_defaults(run=run)
     return p
-
-
-add_parser = register
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,8 +104,10 @@ def run(args: argparse.Namespace) -> int:
         keys = KeyRing.from_args(args.key, args.v1_key)
     except KeyFileError as e:
         raise CommandError(str(e), EXIT_FATAL) from None
+    if args.source == "-" and sys.stdin.isatty():
+        raise CommandError("refusing to read an archive from a terminal (SOURCE is -)", EXIT_FATAL)
     try:
-        backup = open_backup(args.source)
+        backup = open_backup(args.source, stdin=sys.stdin.buffer)
     except BackupError as e:
         raise CommandError(str(e), EXIT_FATAL) from None
     report = Report(stream=sys.stderr, quiet=args.quiet, progress=sys.stderr.isatty())
@@ -108,5 +115,5 @@ def run(args: argparse.Namespace) -> int:
     with backup:
         try:
             return Restorer(backup, writer, keys, report, block_size=bs).run(verify=args.verify)
-        except DestError as e:
+        except (DestError, BackupError) as e:
             raise CommandError(str(e), EXIT_FATAL) from None

@@ -40,9 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-add_parser = register
-
-
 def _xattrs(path: str) -> dict[bytes, bytes]:
     try:
         names = xattr.list(path, nofollow=True)

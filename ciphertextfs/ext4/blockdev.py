@@ -41,6 +41,7 @@ class BlockSource:
         self.path = os.fspath(path)
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self._direct_fd: int | None = None
+        self._retired_fds: list[int] = []
         self._local = threading.local()
         self._fallback_logged = False
         self._pool: ThreadPoolExecutor | None = None
@@ -77,8 +78,11 @@ class BlockSource:
             self._fall_back(f"the source refuses O_DIRECT ({e.strerror})")
 
     def _fall_back(self, why: str) -> None:
+        # The O_DIRECT fd stays open until close(): a pool thread may have
+        # read its number already, and a number closed now could be reused
+        # by the next open() and read that file instead.
         if self._direct_fd is not None:
-            os.close(self._direct_fd)
+            self._retired_fds.append(self._direct_fd)
             self._direct_fd = None
         if not self._fallback_logged:
             self._fallback_logged = True
@@ -93,10 +97,11 @@ class BlockSource:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        for fd in (self._direct_fd, self._fd):
-            if fd is not None:
+        for fd in (self._direct_fd, *self._retired_fds, self._fd):
+            if fd is not None and fd >= 0:
                 os.close(fd)
         self._direct_fd = None
+        self._retired_fds = []
         self._fd = -1
 
     def _check_range(self, offset: int, length: int, what: str) -> None:

@@ -269,10 +269,32 @@ class Superblock:
     def is_64bit(self) -> bool:
         return self.has_incompat(INCOMPAT_64BIT)
 
+    def _wide(self, lo: int, hi: int) -> int:
+        """A 64-bit count split in two: the high half only counts with 64bit.
+
+        Without the feature the high field is whatever was left in the padding.
+        """
+        return lo | ((hi if self.is_64bit else 0) << 32)
+
     @property
     def blocks_count(self) -> int:
-        hi = self.s_blocks_count_hi if self.is_64bit else 0
-        return self.s_blocks_count_lo | (hi << 32)
+        return self._wide(self.s_blocks_count_lo, self.s_blocks_count_hi)
+
+    def statfs_counts(self) -> tuple[int, int, int]:
+        """(blocks, free blocks, reserved blocks) as ext4_statfs() reports them.
+
+        Free may exceed the total on a damaged superblock, which statfs must
+        not report.  On extent filesystems the kernel also holds back 2% (at
+        most 4096 clusters) for extent tree splits, so df on the view shows
+        what df on the filesystem would.
+        """
+        blocks = self.blocks_count
+        free = min(self._wide(self.s_free_blocks_count_lo, self.s_free_blocks_count_hi), blocks)
+        reserved = self._wide(self.s_r_blocks_count_lo, self.s_r_blocks_count_hi)
+        if self.has_incompat(INCOMPAT_EXTENTS):
+            cluster = self.cluster_size // self.block_size
+            reserved += min(blocks // cluster // 50, 4096) * cluster
+        return blocks, free, min(reserved, blocks)
 
     @property
     def inode_size(self) -> int:

@@ -9,7 +9,7 @@ is how the last unit of a file is kept short in the view.
 
 from __future__ import annotations
 
-import struct
+from collections.abc import Iterator
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -21,23 +21,48 @@ from .keysetup import (
     IV_RULE_NONCE,
     FileKey,
 )
-from .policy import (
-    FSCRYPT_MODE_ADIANTUM,
-    FSCRYPT_MODE_AES_128_CBC,
-    FSCRYPT_MODE_AES_256_XTS,
-    FSCRYPT_MODE_SM4_XTS,
-    mode_info,
-)
+from .policy import FSCRYPT_MODE_AES_256_XTS, mode_info
 
 __all__ = [
     "generate_iv",
+    "iv_index_rule",
     "decrypt_data_unit",
-    "encrypt_data_unit",
     "decrypt_contents",
     "encrypt_contents",
 ]
 
-_U32 = 0xFFFFFFFF
+_U32 = (1 << 32) - 1
+_U64 = (1 << 64) - 1
+
+
+def iv_index_rule(filekey: FileKey, first_index: int, count: int = 1) -> tuple[int, int]:
+    """(add, mask): the IV index of data unit n is (n + add) & mask.
+
+    The one statement of the IV rules, checked for the whole run of `count`
+    units from `first_index` at once, so that the per-unit loops stay
+    integer arithmetic.  IV_INO_LBLK_64 puts the inode number in the high
+    half (the index is at most 32 bits, so the sum is the kernel's OR);
+    IV_INO_LBLK_32 adds the hashed inode number modulo 2^32.
+    """
+    if first_index < 0:
+        raise ValueError("negative data unit index")
+    last = first_index + max(count, 1) - 1
+    rule = filekey.iv_rule
+    if rule in (IV_RULE_INDEX, IV_RULE_NONCE):
+        if rule == IV_RULE_NONCE and filekey.nonce is None:
+            raise FscryptError("DIRECT_KEY needs the nonce")
+        if last > _U64:
+            raise FscryptError("data unit index beyond 64 bits")
+        return 0, _U64
+    if rule == IV_RULE_INO_LBLK_64:
+        if last > _U32 or filekey.ino is None or filekey.ino > _U32:
+            raise FscryptError("IV_INO_LBLK_64 needs a 32-bit index and inode number")
+        return filekey.ino << 32, _U64
+    if rule == IV_RULE_INO_LBLK_32:
+        if last > _U32 or filekey.hashed_ino is None:
+            raise FscryptError("IV_INO_LBLK_32 needs a 32-bit index and a hashed inode number")
+        return filekey.hashed_ino, _U32
+    raise FscryptError(f"unknown IV rule {rule!r}")
 
 
 def generate_iv(filekey: FileKey, index: int) -> bytes:
@@ -47,27 +72,11 @@ def generate_iv(filekey: FileKey, index: int) -> bytes:
     nonce (DIRECT_KEY only) and zeros up to the mode's IV size (16, or 32
     for the wide-block modes, which use it as their tweak).
     """
-    if index < 0:
-        raise ValueError("negative data unit index")
-    rule = filekey.iv_rule
-    nonce = b""
-    if rule == IV_RULE_INO_LBLK_64:
-        if index > _U32 or filekey.ino is None or filekey.ino > _U32:
-            raise FscryptError("IV_INO_LBLK_64 needs a 32-bit index and inode number")
-        index |= filekey.ino << 32
-    elif rule == IV_RULE_INO_LBLK_32:
-        if index > _U32 or filekey.hashed_ino is None:
-            raise FscryptError("IV_INO_LBLK_32 needs a 32-bit index and a hashed inode number")
-        index = (filekey.hashed_ino + index) & _U32
-    elif rule == IV_RULE_NONCE:
-        if filekey.nonce is None:
-            raise FscryptError("DIRECT_KEY needs the nonce")
-        nonce = filekey.nonce
-    elif rule != IV_RULE_INDEX:
-        raise FscryptError(f"unknown IV rule {rule!r}")
-    if index > 0xFFFFFFFFFFFFFFFF:
-        raise FscryptError("data unit index beyond 64 bits")
-    iv = struct.pack("<Q", index) + nonce
+    add, mask = iv_index_rule(filekey, index)
+    iv = ((index + add) & mask).to_bytes(8, "little")
+    if filekey.iv_rule == IV_RULE_NONCE:
+        assert filekey.nonce is not None
+        iv += filekey.nonce
     size = mode_info(filekey.mode).ivsize
     if len(iv) > size:
         raise FscryptError("DIRECT_KEY nonce does not fit this mode's IV")
@@ -75,39 +84,20 @@ def generate_iv(filekey: FileKey, index: int) -> bytes:
 
 
 def _crypt_unit(filekey: FileKey, index: int, data: bytes, encrypt: bool) -> bytes:
-    mode = filekey.mode
-    iv = generate_iv(filekey, index)
+    info = mode_info(filekey.mode)
+    if info.contents is None:
+        raise FscryptError(f"mode {info.name} cannot encrypt contents")
     n = len(data)
     if n < 16:
         raise FscryptError(f"data unit piece of {n} bytes: under one cipher block")
-    if mode == FSCRYPT_MODE_ADIANTUM:
-        from .ciphers import adiantum_decrypt, adiantum_encrypt
-
-        return (adiantum_encrypt if encrypt else adiantum_decrypt)(filekey.key, iv, data)
-    if n % 16:
+    if info.granularity and n % info.granularity:
         raise FscryptError(f"ciphertext piece of {n} bytes is not whole 16-byte blocks")
-    if mode == FSCRYPT_MODE_AES_256_XTS:
-        c = Cipher(algorithms.AES(filekey.key), modes.XTS(iv))
-        ctx = c.encryptor() if encrypt else c.decryptor()
-        return ctx.update(data) + ctx.finalize()
-    if mode == FSCRYPT_MODE_AES_128_CBC:
-        from .ciphers import essiv_cbc_decrypt, essiv_cbc_encrypt
-
-        return (essiv_cbc_encrypt if encrypt else essiv_cbc_decrypt)(filekey.key, iv, data)
-    if mode == FSCRYPT_MODE_SM4_XTS:
-        from .ciphers import sm4_xts_decrypt, sm4_xts_encrypt
-
-        return (sm4_xts_encrypt if encrypt else sm4_xts_decrypt)(filekey.key, iv, data)
-    raise FscryptError(f"mode {mode_info(mode).name} cannot encrypt contents")
+    return info.contents(filekey.key, generate_iv(filekey, index), data, encrypt)
 
 
 def decrypt_data_unit(filekey: FileKey, index: int, data: bytes) -> bytes:
     """Decrypt one data unit (or, for block-wise modes, a 16-byte-multiple prefix)."""
     return _crypt_unit(filekey, index, bytes(data), False)
-
-
-def encrypt_data_unit(filekey: FileKey, index: int, data: bytes) -> bytes:
-    return _crypt_unit(filekey, index, bytes(data), True)
 
 
 def _unit_size(filekey: FileKey) -> int:
@@ -119,35 +109,24 @@ def _unit_size(filekey: FileKey) -> int:
 
 def _check_pieces(filekey: FileKey, length: int, dus: int) -> None:
     last = length % dus
-    if filekey.mode == FSCRYPT_MODE_ADIANTUM and last:
-        raise FscryptError(f"{length} bytes of Adiantum ciphertext: not whole {dus}-byte units")
+    if not mode_info(filekey.mode).granularity and last:
+        raise FscryptError(f"{length} bytes of ciphertext: not whole {dus}-byte units")
     if last % 16:
         raise FscryptError(f"{length} bytes of ciphertext: not whole 16-byte blocks")
 
 
-def _index_base(filekey: FileKey, first_index: int, count: int) -> tuple[int, int]:
-    """(add, mask): IV index of unit i is ((first_index + i) + add) & mask.
+def _units_to_decrypt(buf: bytes, dus: int, holes: bool) -> Iterator[tuple[int, int]]:
+    """(unit number, offset) of every unit, or, with `holes`, of every one not all zeros.
 
-    Lets the XTS loop build IVs with integer arithmetic; the range checks
-    are those of generate_iv(), done once for the whole run.
+    An all-zero ciphertext unit is a hole or unwritten extent of the source
+    (the kernel reads it as zeros); this is the one place that rule lives.
     """
-    last = first_index + count - 1
-    if first_index < 0:
-        raise ValueError("negative data unit index")
-    rule = filekey.iv_rule
-    if rule == IV_RULE_INDEX:
-        if last > 0xFFFFFFFFFFFFFFFF:
-            raise FscryptError("data unit index beyond 64 bits")
-        return 0, (1 << 64) - 1
-    if rule == IV_RULE_INO_LBLK_64:
-        if last > _U32 or filekey.ino is None or filekey.ino > _U32:
-            raise FscryptError("IV_INO_LBLK_64 needs a 32-bit index and inode number")
-        return filekey.ino << 32, (1 << 64) - 1
-    if rule == IV_RULE_INO_LBLK_32:
-        if last > _U32 or filekey.hashed_ino is None:
-            raise FscryptError("IV_INO_LBLK_32 needs a 32-bit index and a hashed inode number")
-        return filekey.hashed_ino, _U32
-    raise FscryptError(f"IV rule {rule!r} does not apply to AES-256-XTS")
+    n = len(buf)
+    # bytes == bytes is a memcmp; memoryview == memoryview is not.
+    zero = bytes(dus)
+    for i, off in enumerate(range(0, n, dus)):
+        if not (holes and buf[off : off + dus] == zero[: n - off]):
+            yield i, off
 
 
 def _decrypt_xts(filekey: FileKey, buf: bytes, first_index: int, dus: int, holes: bool) -> bytes:
@@ -155,21 +134,18 @@ def _decrypt_xts(filekey: FileKey, buf: bytes, first_index: int, dus: int, holes
     mv = memoryview(buf)
     n = len(mv)
     count = -(-n // dus)
-    add, mask = _index_base(filekey, first_index, count)
+    if filekey.iv_rule == IV_RULE_NONCE:
+        raise FscryptError("DIRECT_KEY does not apply to AES-256-XTS")
+    add, mask = iv_index_rule(filekey, first_index, count)
     alg = algorithms.AES(filekey.key)
     # update_into() wants room for one more block than it writes.
     out = bytearray(n + 16)
     omv = memoryview(out)
-    # bytes == bytes is a memcmp; memoryview == memoryview is not.
-    zero = bytes(dus)
     xts = modes.XTS
-    index = first_index
-    for off in range(0, n, dus):
+    for i, off in _units_to_decrypt(buf, dus, holes):
         piece = mv[off : off + dus]
-        if not (holes and buf[off : off + dus] == zero[: len(piece)]):
-            tweak = ((index + add) & mask).to_bytes(16, "little")
-            Cipher(alg, xts(tweak)).decryptor().update_into(piece, omv[off : off + len(piece) + 16])
-        index += 1
+        tweak = ((first_index + i + add) & mask).to_bytes(16, "little")
+        Cipher(alg, xts(tweak)).decryptor().update_into(piece, omv[off : off + len(piece) + 16])
     return bytes(omv[:n])
 
 
@@ -189,12 +165,9 @@ def decrypt_contents(
     _check_pieces(filekey, n, dus)
     if filekey.mode == FSCRYPT_MODE_AES_256_XTS:
         return _decrypt_xts(filekey, buf, first_index, dus, holes)
-    zero = bytes(dus)
     out = bytearray(n)
-    for i, off in enumerate(range(0, n, dus)):
+    for i, off in _units_to_decrypt(buf, dus, holes):
         piece = buf[off : off + dus]
-        if holes and piece == zero[: len(piece)]:
-            continue
         out[off : off + len(piece)] = _crypt_unit(filekey, first_index + i, piece, False)
     return bytes(out)
 

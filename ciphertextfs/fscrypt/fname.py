@@ -12,16 +12,7 @@ import struct
 
 from .errors import FscryptError
 from .keysetup import FileKey
-from .policy import (
-    FSCRYPT_FNAME_MIN_MSG_LEN,
-    FSCRYPT_MODE_ADIANTUM,
-    FSCRYPT_MODE_AES_128_CTS,
-    FSCRYPT_MODE_AES_256_CTS,
-    FSCRYPT_MODE_AES_256_HCTR2,
-    FSCRYPT_MODE_SM4_CTS,
-    mode_info,
-    round_up,
-)
+from .policy import FSCRYPT_FNAME_MIN_MSG_LEN, mode_info, round_up
 
 __all__ = [
     "EXT4_NAME_LEN",
@@ -48,22 +39,10 @@ def encrypted_name_size(padding: int, orig_len: int, max_len: int = EXT4_NAME_LE
 def _crypt(key: FileKey, data: bytes, encrypt: bool) -> bytes:
     from .crypto import generate_iv
 
-    iv = generate_iv(key, 0)
-    mode = key.mode
-    if mode in (FSCRYPT_MODE_AES_256_CTS, FSCRYPT_MODE_AES_128_CTS, FSCRYPT_MODE_SM4_CTS):
-        from .ciphers import cts_cbc_decrypt, cts_cbc_encrypt
-
-        cipher = "sm4" if mode == FSCRYPT_MODE_SM4_CTS else "aes"
-        return (cts_cbc_encrypt if encrypt else cts_cbc_decrypt)(cipher, key.key, iv, data)
-    if mode == FSCRYPT_MODE_ADIANTUM:
-        from .ciphers import adiantum_decrypt, adiantum_encrypt
-
-        return (adiantum_encrypt if encrypt else adiantum_decrypt)(key.key, iv, data)
-    if mode == FSCRYPT_MODE_AES_256_HCTR2:
-        from .ciphers import hctr2_decrypt, hctr2_encrypt
-
-        return (hctr2_encrypt if encrypt else hctr2_decrypt)(key.key, iv, data)
-    raise FscryptError(f"mode {mode_info(mode).name} cannot encrypt filenames")
+    info = mode_info(key.mode)
+    if info.filenames is None:
+        raise FscryptError(f"mode {info.name} cannot encrypt filenames")
+    return info.filenames(key.key, generate_iv(key, 0), data, encrypt)
 
 
 def encrypt_filename(dirkey: FileKey, plaintext: bytes, max_len: int = EXT4_NAME_LEN) -> bytes:

@@ -50,10 +50,6 @@ def _ior(type_: str, nr: int, size: int) -> int:
     return _ioc(_IOC_READ, type_, nr, size)
 
 
-def _iow(type_: str, nr: int, size: int) -> int:
-    return _ioc(_IOC_WRITE, type_, nr, size)
-
-
 def _iowr(type_: str, nr: int, size: int) -> int:
     return _ioc(_IOC_READ | _IOC_WRITE, type_, nr, size)
 
@@ -61,13 +57,7 @@ def _iowr(type_: str, nr: int, size: int) -> int:
 FSCRYPT_KEY_SPEC_TYPE_DESCRIPTOR = 1
 FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER = 2
 
-FSCRYPT_KEY_REMOVAL_STATUS_FLAG_FILES_BUSY = 0x1
-FSCRYPT_KEY_REMOVAL_STATUS_FLAG_OTHER_USERS = 0x2
-
 FSCRYPT_KEY_STATUS_ABSENT = 1
-FSCRYPT_KEY_STATUS_PRESENT = 2
-FSCRYPT_KEY_STATUS_INCOMPLETELY_REMOVED = 3
-FSCRYPT_KEY_STATUS_FLAG_ADDED_BY_SELF = 0x1
 
 # struct fscrypt_key_specifier: u32 type, u32 reserved, u8 u[32]
 _KEY_SPEC = struct.Struct("<II32s")
@@ -79,8 +69,6 @@ _KEY_STATUS_ARG = struct.Struct("<40s24sIII52s")  # ..., status, status_flags, u
 _GET_POLICY_EX_ARG_SIZE = 8 + _POLICY_V2.size  # u64 policy_size + union
 
 FS_IOC_SET_ENCRYPTION_POLICY = _ior("f", 19, _POLICY_V1.size)
-FS_IOC_GET_ENCRYPTION_PWSALT = _iow("f", 20, 16)
-FS_IOC_GET_ENCRYPTION_POLICY = _iow("f", 21, _POLICY_V1.size)
 FS_IOC_GET_ENCRYPTION_POLICY_EX = _iowr("f", 22, 9)  # size + version
 FS_IOC_ADD_ENCRYPTION_KEY = _iowr("f", 23, _ADD_KEY_ARG.size)
 FS_IOC_REMOVE_ENCRYPTION_KEY = _iowr("f", 24, _REMOVE_KEY_ARG.size)

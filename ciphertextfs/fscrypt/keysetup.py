@@ -25,6 +25,7 @@ from .policy import (
     FSCRYPT_MAX_KEY_SIZE,
     FSCRYPT_MIN_KEY_SIZE,
     FscryptContext,
+    ModeInfo,
 )
 
 __all__ = [
@@ -234,8 +235,39 @@ def derive_file_key(
     contents keys, to know the data unit size.  A v2 master key whose
     identifier differs from the context's raises KeyMissingError, as does a
     master key shorter than the mode's key.
+
+    Split as the kernel's fscrypt_setup_encryption_info() is: the checks
+    that need no key, then v1 (keysetup_v1.c), or v2 with a key shared by
+    all files of a mode (fscrypt_setup_per_mode_enc_key()) or the per-file
+    key.
     """
     mode = ctx.filenames if for_filenames else ctx.contents
+    dus = _check_key_inputs(master, ctx, mode, ino, fs_uuid, for_filenames, block_size)
+    common = {"mode": mode.number, "padding": ctx.filename_padding, "data_unit_size": dus}
+    if ctx.version == FSCRYPT_CONTEXT_V1:
+        return _setup_v1_key(master, ctx, mode, common)
+    if ctx.version != FSCRYPT_CONTEXT_V2:
+        raise FscryptError(f"unknown context version {ctx.version}")
+    if check_identifier and master.identifier != ctx.key_spec:
+        raise KeyMissingError(
+            f"key identifier {master.identifier.hex()} is not the policy's {ctx.key_spec.hex()}"
+        )
+    if ctx.direct_key or ctx.needs_inode_number:
+        return _setup_v2_per_mode_key(master, ctx, mode, ino, fs_uuid, common)
+    key = master.hkdf(HKDF_CONTEXT_PER_FILE_ENC_KEY, ctx.nonce, mode.keysize)
+    return FileKey(key, iv_rule=IV_RULE_INDEX, **common)
+
+
+def _check_key_inputs(
+    master: MasterKey,
+    ctx: FscryptContext,
+    mode: ModeInfo,
+    ino: int | None,
+    fs_uuid: bytes | None,
+    for_filenames: bool,
+    block_size: int | None,
+) -> int | None:
+    """What must hold before any key is derived; the data unit size of contents keys."""
     if len(master.raw) < mode.keysize:
         raise KeyMissingError(
             f"{len(master.raw)}-byte master key is too short for {mode.name} ({mode.keysize} bytes)"
@@ -251,8 +283,6 @@ def derive_file_key(
             # ext4's 32-bit logical block numbers leave no room for sub-block
             # indices in the 32-bit IV field; the kernel refuses the policy.
             raise UnknownPolicyError("IV_INO_LBLK policies with sub-block data units")
-    common = {"mode": mode.number, "padding": ctx.filename_padding, "data_unit_size": dus}
-
     if ctx.needs_inode_number:
         if ino is None or fs_uuid is None:
             raise KeyMissingError("IV_INO_LBLK policies need the inode number and s_uuid")
@@ -260,34 +290,35 @@ def derive_file_key(
             raise FscryptError(f"inode number {ino} unusable with IV_INO_LBLK policies")
         if len(fs_uuid) != 16:
             raise FscryptError("s_uuid must be 16 bytes")
+    return dus
 
-    if ctx.version == FSCRYPT_CONTEXT_V1:
-        if ctx.direct_key:
-            return FileKey(
-                master.raw[: mode.keysize], iv_rule=IV_RULE_NONCE, nonce=ctx.nonce, **common
-            )
-        key = _aes128_ecb_encrypt(ctx.nonce, master.raw[: mode.keysize])
-        return FileKey(key, iv_rule=IV_RULE_INDEX, **common)
 
-    if ctx.version != FSCRYPT_CONTEXT_V2:
-        raise FscryptError(f"unknown context version {ctx.version}")
-    if check_identifier and master.identifier != ctx.key_spec:
-        raise KeyMissingError(
-            f"key identifier {master.identifier.hex()} is not the policy's {ctx.key_spec.hex()}"
-        )
+def _setup_v1_key(master: MasterKey, ctx: FscryptContext, mode: ModeInfo, common: dict) -> FileKey:
+    """v1: the master key itself (DIRECT_KEY), or AES-128-ECB of it under the nonce."""
+    if ctx.direct_key:
+        return FileKey(master.raw[: mode.keysize], iv_rule=IV_RULE_NONCE, nonce=ctx.nonce, **common)
+    key = _aes128_ecb_encrypt(ctx.nonce, master.raw[: mode.keysize])
+    return FileKey(key, iv_rule=IV_RULE_INDEX, **common)
+
+
+def _setup_v2_per_mode_key(
+    master: MasterKey,
+    ctx: FscryptContext,
+    mode: ModeInfo,
+    ino: int | None,
+    fs_uuid: bytes | None,
+    common: dict,
+) -> FileKey:
+    """v2 keys shared by every file of a mode (and filesystem): the IV tells files apart."""
     mode_num = bytes([mode.number])
     if ctx.direct_key:
         key = master.hkdf(HKDF_CONTEXT_DIRECT_KEY, mode_num, mode.keysize)
         return FileKey(key, iv_rule=IV_RULE_NONCE, nonce=ctx.nonce, **common)
+    assert fs_uuid is not None and ino is not None
     if ctx.iv_ino_lblk_64:
-        assert fs_uuid is not None
         key = master.hkdf(HKDF_CONTEXT_IV_INO_LBLK_64_KEY, mode_num + bytes(fs_uuid), mode.keysize)
         return FileKey(key, iv_rule=IV_RULE_INO_LBLK_64, ino=ino, **common)
-    if ctx.iv_ino_lblk_32:
-        assert fs_uuid is not None and ino is not None
-        key = master.hkdf(HKDF_CONTEXT_IV_INO_LBLK_32_KEY, mode_num + bytes(fs_uuid), mode.keysize)
-        return FileKey(
-            key, iv_rule=IV_RULE_INO_LBLK_32, ino=ino, hashed_ino=master.hashed_ino(ino), **common
-        )
-    key = master.hkdf(HKDF_CONTEXT_PER_FILE_ENC_KEY, ctx.nonce, mode.keysize)
-    return FileKey(key, iv_rule=IV_RULE_INDEX, **common)
+    key = master.hkdf(HKDF_CONTEXT_IV_INO_LBLK_32_KEY, mode_num + bytes(fs_uuid), mode.keysize)
+    return FileKey(
+        key, iv_rule=IV_RULE_INO_LBLK_32, ino=ino, hashed_ino=master.hashed_ino(ino), **common
+    )

@@ -1,7 +1,7 @@
 """Encryption contexts as ext4 stores them (the kernel's fs/crypto/policy.c).
 
-An encrypted inode carries its context in the xattr index 9
-(EXT4_XATTR_INDEX_ENCRYPTION) under the name "c".  The context is the
+ext4 keeps an encrypted inode's context in an xattr of its own (see
+ciphertextfs.ext4.xattr); this layer knows only its bytes.  The context is the
 policy plus the per-file nonce; everything needed to pick a key and an IV
 rule follows from it, so it is parsed strictly: an unknown version, mode
 or flag is reported, never guessed.
@@ -12,6 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .ciphers.modes import (
+    Crypt,
+    adiantum,
+    aes_cbc_essiv,
+    aes_cts_cbc,
+    aes_hctr2,
+    aes_xts,
+    sm4_cts_cbc,
+    sm4_xts,
+)
 from .errors import FscryptError, KeyMissingError, UnknownPolicyError
 
 __all__ = [
@@ -25,8 +35,6 @@ __all__ = [
     "build_context",
 ]
 
-EXT4_XATTR_INDEX_ENCRYPTION = 9
-EXT4_XATTR_NAME_ENCRYPTION_CONTEXT = b"c"
 
 FSCRYPT_CONTEXT_V1 = 1
 FSCRYPT_CONTEXT_V2 = 2
@@ -76,14 +84,19 @@ SECTOR_SHIFT = 9
 
 @dataclass(frozen=True)
 class ModeInfo:
-    """What the kernel's available_modes[] table says about one mode."""
+    """One row of the kernel's fscrypt_modes[]: the mode's facts and its cipher.
+
+    `contents` and `filenames` are the implementations for that use, or None
+    where the kernel does not allow the mode there; crypto.py and fname.py
+    dispatch through them and nowhere else.
+    """
 
     number: int
     name: str
     keysize: int
     ivsize: int
-    contents: bool
-    filenames: bool
+    contents: Crypt | None
+    filenames: Crypt | None
     # Contents ciphertext granularity: 16 for block-wise modes, 0 meaning
     # "the whole data unit" for wide-block modes.
     granularity: int
@@ -92,14 +105,14 @@ class ModeInfo:
 MODES: dict[int, ModeInfo] = {
     m.number: m
     for m in (
-        ModeInfo(FSCRYPT_MODE_AES_256_XTS, "AES-256-XTS", 64, 16, True, False, 16),
-        ModeInfo(FSCRYPT_MODE_AES_256_CTS, "AES-256-CTS-CBC", 32, 16, False, True, 16),
-        ModeInfo(FSCRYPT_MODE_AES_128_CBC, "AES-128-CBC-ESSIV", 16, 16, True, False, 16),
-        ModeInfo(FSCRYPT_MODE_AES_128_CTS, "AES-128-CTS-CBC", 16, 16, False, True, 16),
-        ModeInfo(FSCRYPT_MODE_SM4_XTS, "SM4-XTS", 32, 16, True, False, 16),
-        ModeInfo(FSCRYPT_MODE_SM4_CTS, "SM4-CTS-CBC", 16, 16, False, True, 16),
-        ModeInfo(FSCRYPT_MODE_ADIANTUM, "Adiantum", 32, 32, True, True, 0),
-        ModeInfo(FSCRYPT_MODE_AES_256_HCTR2, "AES-256-HCTR2", 32, 32, False, True, 0),
+        ModeInfo(FSCRYPT_MODE_AES_256_XTS, "AES-256-XTS", 64, 16, aes_xts, None, 16),
+        ModeInfo(FSCRYPT_MODE_AES_256_CTS, "AES-256-CTS-CBC", 32, 16, None, aes_cts_cbc, 16),
+        ModeInfo(FSCRYPT_MODE_AES_128_CBC, "AES-128-CBC-ESSIV", 16, 16, aes_cbc_essiv, None, 16),
+        ModeInfo(FSCRYPT_MODE_AES_128_CTS, "AES-128-CTS-CBC", 16, 16, None, aes_cts_cbc, 16),
+        ModeInfo(FSCRYPT_MODE_SM4_XTS, "SM4-XTS", 32, 16, sm4_xts, None, 16),
+        ModeInfo(FSCRYPT_MODE_SM4_CTS, "SM4-CTS-CBC", 16, 16, None, sm4_cts_cbc, 16),
+        ModeInfo(FSCRYPT_MODE_ADIANTUM, "Adiantum", 32, 32, adiantum, adiantum, 0),
+        ModeInfo(FSCRYPT_MODE_AES_256_HCTR2, "AES-256-HCTR2", 32, 32, None, aes_hctr2, 0),
     )
 }
 

@@ -16,7 +16,7 @@ from ciphertextfs.fscrypt.keysetup import FileKey, derive_file_key
 from ciphertextfs.fscrypt.policy import FscryptContext
 from ciphertextfs.view.format import SIDE_FILE_NAME, XATTR_FSCRYPT_CONTEXT, parse_side_file
 
-from .backup import Backup, Entry, Kind, Path_, TreeProblem
+from .backup import ArchiveDamage, Backup, Entry, Kind, Path_, TreeProblem, show_path
 from .keys import KeyRing, key_label
 from .plan import (
     FscryptAttrs,
@@ -77,13 +77,18 @@ class Restorer:
 
     def run(self, *, verify: bool) -> int:
         self.writer.prepare()
-        for item in self.backup.entries():
-            if isinstance(item, TreeProblem):
-                self._fail_path(item.path, item.reason)
-                continue
-            self._entry(item)
-        for entry, failure in self.writer.finish_dirs(self._dir_xattrs):
-            self.report.problem(entry.path, f"restored without its {failure}")
+        try:
+            for item in self.backup.entries():
+                if isinstance(item, ArchiveDamage):
+                    self.report.damage(item.reason)
+                elif isinstance(item, TreeProblem):
+                    self._fail_path(item.path, item.reason)
+                else:
+                    self._entry(item)
+        finally:
+            # Every directory restored gets its metadata, however reading ended.
+            for entry, failure in self.writer.finish_dirs(self._dir_xattrs):
+                self.report.problem(entry.path, f"restored without its {failure}")
         for p in self._dir_problems:
             self.report.problem(p.path, p.reason, p.below)
         unused = [
@@ -224,6 +229,9 @@ class Restorer:
             self.writer.link(self._links[e.link_key], dest)
             self.report.done()
             return
+        if e.kind is Kind.REG and e.open is None:
+            target = show_path(e.link_key[1]) if isinstance(e.link_key, tuple) else "?"
+            raise RestoreProblem(f"hard link to {target}, which was not restored")
         nbytes = 0
         if e.kind is Kind.REG:
             nbytes = self._regular(e, dest)

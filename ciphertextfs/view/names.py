@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ciphertextfs.ext4.dirhash import dx_hash_version, ext4fs_dirhash
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
 from ciphertextfs.fscrypt.nokey import nokey_name
@@ -58,24 +57,6 @@ def is_side_ino(ino: int) -> bool:
     return ino >= SIDE_INO_BASE
 
 
-def _hash_rule(fs: Filesystem, dir_inode: Inode):
-    """Return how the kernel's readdir hashes this directory's names.
-
-    The kernel's is_dx_dir() decides: a directory read through the htree
-    code gets hashes, one read linearly gets zeros.  An indexed directory
-    hashes with the version in its dx_root, any other with the superblock's
-    default; both honour the unsigned-char flag.
-    """
-    if dir_inode.is_casefold:
-        return "stored", 0
-    if not fs.is_dx_dir(dir_inode):
-        return "zero", 0
-    version = fs.dx_root_hash_version(dir_inode)
-    if version is None:
-        version = fs.sb.s_def_hash_version
-    return "computed", dx_hash_version(version, fs.sb.s_flags)
-
-
 def list_directory(fs: Filesystem, dir_inode: Inode, dir_ino: int) -> Listing:
     """Build the view's listing of one directory.
 
@@ -89,16 +70,9 @@ def list_directory(fs: Filesystem, dir_inode: Inode, dir_ino: int) -> Listing:
     long_names: list[tuple[str, bytes]] = []
 
     if dir_inode.is_encrypted:
-        rule, version = _hash_rule(fs, dir_inode)
-        seed = fs.sb.s_hash_seed
+        readdir_hash = fs.readdir_hash(dir_inode)
         for de in raw:
-            if rule == "stored":
-                h, minor = de.hash or 0, de.minor_hash or 0
-            elif rule == "computed":
-                h, minor = ext4fs_dirhash(de.name, version, seed)
-            else:
-                h, minor = 0, 0
-            name = nokey_name(de.name, h, minor)
+            name = nokey_name(de.name, *readdir_hash(de))
             if len(de.name) > FSCRYPT_NOKEY_PREFIX_LEN:
                 long_names.append((name, de.name))
             _add(entries, by_name, name.encode("ascii"), de.inode, dir_ino)

@@ -2,17 +2,14 @@
 
 A backup reads a directory's files one after the other in listing order.
 Read alone, each small file costs one random device read and, through FUSE,
-one more round trip; bench_view measured most of a small file's time in the
-view there.  So a small file that is not at hand fetches itself and the
-next small files of its directory in listing order, up to BATCH_FILES or
-BATCH_BYTES, with a handful of batched device requests
-(`Filesystem.read_files`, several in flight).  The batch is fetched in the
-caller's thread, which waits for it with the GIL released.  Two ways of
-overlapping the fetch with the reader's work were measured and lost to the
-GIL, whose holder delays the event loop (20,000 files): fetching the next
-batch in a worker thread, 4.30 s against 4.39 s (median of six, noise);
-chunks of four files read by eight workers while the reader waits only for
-its own chunk, 5.26 s against 4.74 s (median of five, alternating).
+one more round trip, most of a small file's time in the view.  So a small
+file that is not at hand fetches itself and the next small files of its
+directory in listing order, up to BATCH_FILES or BATCH_BYTES, with a
+handful of batched device requests (`Filesystem.read_files`, several in
+flight).  The batch is fetched in the
+caller's thread, which waits for it with the GIL released: overlapping
+the fetch with the reader's work in worker threads lost to the GIL, whose
+holder delays the event loop (benchmarks/RESULTS.md).
 
 Only a read starts any of this: listing a directory (ls, find, an
 incremental rsync that reads nothing) never reads file data.  What is

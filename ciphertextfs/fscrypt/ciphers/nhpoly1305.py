@@ -15,7 +15,6 @@ _M64 = (1 << 64) - 1
 
 NH_KEY_BYTES = 1072  # 1024-byte message unit + 3 * 16 bytes of key shift
 NH_UNIT = 1024
-NH_OUTPUT = 32  # four 64-bit sums per unit
 
 
 def poly1305_hash(key: bytes, message: bytes) -> int:

@@ -1,0 +1,136 @@
+"""Directories: entries in on-disk order, htree checks, and the hash readdir passes.
+
+As libext2fs's dir_iterate: linear and htree leaf blocks alike yield their
+entries, dx_root and dx_node blocks are checked and skipped.  Which hash
+the kernel's readdir reports for an entry (is_dx_dir(), the dx_root's hash
+version, the unsigned-char flag) is ext4 knowledge too: it is what an
+encrypted entry's no-key name carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from . import dirent as _dirent
+from .dirent import DirEntry
+from .dirhash import dx_hash_version, ext4fs_dirhash
+from .errors import CorruptError
+from .inode import EXT4_CASEFOLD_FL, EXT4_ENCRYPT_FL, EXT4_INDEX_FL, I_BLOCK_SIZE, Inode
+from .superblock import COMPAT_DIR_INDEX, INCOMPAT_FILETYPE
+
+if TYPE_CHECKING:
+    from .fs import Filesystem
+
+__all__ = ["Directories", "ReaddirHash"]
+
+ReaddirHash = Callable[[DirEntry], tuple[int, int]]
+
+
+class Directories:
+    """The directories of one filesystem."""
+
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+
+    def is_dx_dir(self, inode: Inode) -> bool:
+        """As the kernel's is_dx_dir(): whether readdir uses hash order."""
+        fs = self.fs
+        if not fs.sb.has_compat(COMPAT_DIR_INDEX):
+            return False
+        return bool(
+            inode.i_flags & EXT4_INDEX_FL
+            or (inode.i_size // fs.block_size) == 1
+            or inode.has_inline_data
+        )
+
+    def dx_root_hash_version(self, inode: Inode) -> int | None:
+        """The dx_root's hash version of an indexed directory, else None."""
+        if not inode.i_flags & EXT4_INDEX_FL or inode.has_inline_data:
+            return None
+        pblk = self.fs.files.first_block(inode)
+        if pblk is None:
+            raise CorruptError(f"directory {inode.ino}: indexed, but block 0 is not mapped")
+        return _dirent.dx_root_hash_version(self.fs.read_block(pblk, cache=False))
+
+    def readdir_hash(self, inode: Inode) -> ReaddirHash:
+        """The (hash, minor hash) the kernel's readdir passes for each entry.
+
+        A directory read through the htree code gets hashes, one read
+        linearly gets zeros.  An indexed directory hashes with the version
+        in its dx_root, any other with the superblock's default; both honour
+        the unsigned-char flag.  Encrypted+casefolded directories store the
+        hash after each name.
+        """
+        if inode.is_casefold:
+            return lambda de: (de.hash or 0, de.minor_hash or 0)
+        if not self.is_dx_dir(inode):
+            return lambda de: (0, 0)
+        sb = self.fs.sb
+        version = self.dx_root_hash_version(inode)
+        if version is None:
+            version = sb.s_def_hash_version
+        v = dx_hash_version(version, sb.s_flags)
+        seed = sb.s_hash_seed
+        return lambda de: ext4fs_dirhash(de.name, v, seed)
+
+    def read_dir(self, inode: Inode) -> list[DirEntry]:
+        """All entries of a directory except "." and "..", in on-disk order."""
+        if not inode.is_dir:
+            raise CorruptError(f"inode {inode.ino} is not a directory")
+        fs = self.fs
+        what = f"directory {inode.ino}"
+        hashed = (inode.i_flags & (EXT4_ENCRYPT_FL | EXT4_CASEFOLD_FL)) == (
+            EXT4_ENCRYPT_FL | EXT4_CASEFOLD_FL
+        )
+        common = {
+            "inodes_count": fs.sb.s_inodes_count,
+            "filetype": fs.sb.has_incompat(INCOMPAT_FILETYPE),
+            "hashed": hashed,
+            "warn": fs.warn,
+        }
+        if inode.has_inline_data:
+            data = fs.files.inline_data(inode)
+            out = _dirent.parse_entries(
+                data[4:I_BLOCK_SIZE], block_size=I_BLOCK_SIZE, what=what, **common
+            )
+            if len(data) > I_BLOCK_SIZE:
+                rest = data[I_BLOCK_SIZE:]
+                out += _dirent.parse_entries(rest, block_size=len(rest), what=what, **common)
+            return out
+        bs = fs.block_size
+        nblocks = -(-inode.i_size // bs)
+        indexed = bool(inode.i_flags & EXT4_INDEX_FL)
+        seed = fs.inode_csum_seed(inode)
+        out = []
+        for m in fs.files.mappings(inode):
+            if m.lblk >= nblocks:
+                break
+            if m.unwritten:
+                continue
+            for k in range(min(m.len, nblocks - m.lblk)):
+                lblk = m.lblk + k
+                block = fs.read_block(m.pblk + k, cache=False)
+                bwhat = f"{what} block {lblk}"
+                if indexed and lblk == 0:
+                    if seed is not None:
+                        self._check_dx(block, _dirent.dx_root_count_offset(block), seed, bwhat)
+                elif indexed and _dirent.is_dx_node_block(block, bs):
+                    if seed is not None:
+                        self._check_dx(block, _dirent.DX_NODE_COUNT_OFFSET, seed, bwhat)
+                    continue
+                elif seed is not None:
+                    ok = _dirent.leaf_checksum_ok(block, seed)
+                    if ok is None:
+                        fs.warn(f"{bwhat}: no directory checksum tail")
+                    elif not ok:
+                        fs.warn(f"{bwhat}: directory block checksum mismatch")
+                out += _dirent.parse_entries(block, block_size=bs, what=bwhat, **common)
+        return out
+
+    def _check_dx(self, block: bytes, count_offset: int, seed: int, what: str) -> None:
+        ok = _dirent.dx_checksum_ok(block, count_offset, seed)
+        if ok is None:
+            self.fs.warn(f"{what}: no htree checksum tail")
+        elif not ok:
+            self.fs.warn(f"{what}: htree block checksum mismatch")
