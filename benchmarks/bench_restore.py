@@ -207,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         text_columns=1,
     )
     printed.save(args.results)
+    common.write_chart(
+        args.chart,
+        f"restore of {nbytes // MIB} MiB: seconds, median of {args.runs} cold-cache run(s)",
+        {"restore": {name: common.median(s) for name, s in samples.items()}},
+        "seconds (lower is better)",
+    )
     return 0
 
 

@@ -7,6 +7,9 @@ cold page cache each time, times `tar -cf - DIR | cat >/dev/null` over
   * the view of the encrypted copy (key removed, image unmounted, the view
     mounted over the loop device),
   * the unencrypted copy through the kernel's ext4 mount of the same device,
+  * with --gocryptfs, the unencrypted copy through `gocryptfs -reverse` (the
+    other way of backing up encrypted data with stock tools: an encrypted
+    view of plaintext) over that kernel mount,
   * and `dd iflag=direct` of the device itself, for the raw bandwidth,
 
 and reports the page cache each tar run brings in (charged to a memory
@@ -44,6 +47,13 @@ SMALL_DIRS = 20
 SMALL_MIN, SMALL_MAX = 512, 8192
 HOST_FILE = 512 * MIB
 GOALS = {"large": 1.25, "small": 2.0}
+READERS = {
+    "view": "view (FUSE) tar",
+    "ext4": "kernel ext4 tar",
+    "gocryptfs": "gocryptfs -reverse tar",
+    "dd": "dd O_DIRECT",
+}
+WORKLOADS = {"large": "large (4 MiB files)", "small": "small (0.5-8 KiB files)"}
 
 
 @dataclass
@@ -215,6 +225,23 @@ def kernel_mount(dev: str, mnt: Path):
 
 
 @contextlib.contextmanager
+def gocryptfs_reverse(plain: Path, work: Path):
+    """`gocryptfs -reverse` of `plain` (read-only kernel mount): its encrypted view."""
+    conf, mnt = work / "gocryptfs.reverse.conf", work / "gocryptfs-mnt"
+    mnt.mkdir(exist_ok=True)
+    conf.unlink(missing_ok=True)
+    password = ["-extpass", "echo ctfs-bench", "-config", os.fspath(conf), "-q"]
+    # -scryptn 10: the key derivation is not what is measured.
+    harness.run("gocryptfs", "-init", "-reverse", "-scryptn", "10", *password, plain)
+    harness.run("gocryptfs", "-reverse", *password, plain, mnt)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["fusermount3", "-u", os.fspath(mnt)], check=False)
+        conf.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def profiler(pid: int, out: Path | None):
     """py-spy on the view's daemon while the block runs, when asked for."""
     if out is None:
@@ -247,6 +274,7 @@ def run_all(
     profile_dir: Path | None,
     log,
     tar_options: tuple[str, ...] = (),
+    gocryptfs: bool = False,
 ) -> dict[tuple[str, str], list[Sample]]:
     host_file = work / "host-file"
     ensure_host_file(host_file)
@@ -267,6 +295,11 @@ def run_all(
                 s = measure_tar(kmnt / f"plain-{w}", host_file, tar_options)
             results.setdefault((w, "ext4"), []).append(s)
             log(f"  run {r + 1} {w:5} ext4 {s.seconds:7.2f} s")
+            if gocryptfs:
+                with kernel_mount(dev, kmnt), gocryptfs_reverse(kmnt / f"plain-{w}", work) as g:
+                    s = measure_tar(g, host_file, tar_options)
+                results.setdefault((w, "gocryptfs"), []).append(s)
+                log(f"  run {r + 1} {w:5} gocryptfs -reverse {s.seconds:7.2f} s")
             s = measure_dd(dev, getattr(layout, f"{w}_bytes"))
             results.setdefault((w, "dd"), []).append(s)
             log(f"  run {r + 1} {w:5} dd   {s.seconds:7.2f} s")
@@ -294,8 +327,8 @@ def report(layout: Layout, results, runs: int, out) -> None:
         b = -(-nbytes[w] // (4 * MIB)) * 4 * MIB if reader == "dd" else nbytes[w]
         rows.append(
             [
-                f"{w} ({'4 MiB files' if w == 'large' else '0.5-8 KiB files'})",
-                {"view": "view (FUSE) tar", "ext4": "kernel ext4 tar", "dd": "dd O_DIRECT"}[reader],
+                WORKLOADS[w],
+                READERS[reader],
                 mb(b),
                 str(files[w]) if reader != "dd" else "-",
                 f"{sec:.2f}",
@@ -351,6 +384,21 @@ def report(layout: Layout, results, runs: int, out) -> None:
     )
 
 
+def chart(results, args, layout: Layout) -> None:
+    """Seconds per reader, one panel per workload, as the first table has them."""
+    groups: dict[str, dict[str, float]] = {}
+    for (w, reader), samples in results.items():
+        groups.setdefault(WORKLOADS[w], {})[READERS[reader]] = common.median(
+            [s.seconds for s in samples]
+        )
+    tar = "tar --xattrs" if args.xattrs else "tar"
+    title = (
+        f"{tar} -cf - DIR | cat: seconds, median of {args.runs} cold-cache run(s); "
+        f"{layout.large_mib} MiB of 4 MiB files, {layout.small_files} small files"
+    )
+    common.write_chart(args.chart, title, groups, "seconds (lower is better)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--large-mib", type=int, default=1024, help="MiB of 4 MiB files (default 1024)")
@@ -359,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", type=Path, metavar="DIR", help="reuse the image built in DIR")
     p.add_argument("--keep", action="store_true", help="keep the image for --reuse")
     p.add_argument("--profile", action="store_true", help="py-spy the daemon in the first run")
+    p.add_argument(
+        "--gocryptfs",
+        action="store_true",
+        help="also time tar over gocryptfs -reverse of the unencrypted copy",
+    )
     p.add_argument(
         "--xattrs",
         action="store_true",
@@ -386,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
             profile_dir = work if args.profile else None
             with common.loop_device(image, read_only=True) as dev:
                 tar_options = ("--xattrs",) if args.xattrs else ()
-                results = run_all(dev, work, layout, args.runs, profile_dir, log, tar_options)
+                results = run_all(
+                    dev, work, layout, args.runs, profile_dir, log, tar_options, args.gocryptfs
+                )
         finally:
             if not args.keep and not args.reuse:
                 for f in (image, meta, work / "host-file"):
@@ -409,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     out("")
     report(layout, results, args.runs, out)
     printed.save(args.results)
+    chart(results, args, layout)
     return 0
 
 

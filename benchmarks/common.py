@@ -16,6 +16,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -272,8 +273,64 @@ class Report:
                 f.write("\n".join(self.lines) + "\n\n")
 
 
+def write_chart(
+    path: Path | None,
+    title: str,
+    groups: dict[str, dict[str, float]],
+    ylabel: str,
+    log=None,
+) -> bool:
+    """A grouped bar chart (PNG): one group per workload, one bar per reader.
+
+    matplotlib is an optional extra (`pip install -e '.[bench]'`): without
+    it the benchmark still prints its tables and says that no chart was made.
+    """
+    log = log or Report.log
+    if path is None:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log(f"matplotlib is not installed: no chart written to {path}")
+        return False
+    readers: list[str] = []
+    for bars in groups.values():
+        readers += [r for r in bars if r not in readers]
+    panel = max(4.2, 1.25 * max(len(bars) for bars in groups.values()))
+    size = (panel * len(groups) + 0.8, 4.4)
+    fig, axes = plt.subplots(1, len(groups), figsize=size, squeeze=False, layout="constrained")
+    colours = plt.get_cmap("tab10")
+    for ax, (group, bars) in zip(axes[0], groups.items(), strict=True):
+        names = [r for r in readers if r in bars]
+        values = [bars[r] for r in names]
+        positions = range(len(names))
+        rects = ax.bar(positions, values, color=[colours(readers.index(r)) for r in names])
+        ax.bar_label(rects, labels=[f"{v:.2f}" for v in values], padding=2, fontsize=9)
+        labels = [textwrap.fill(n, 16) for n in names]
+        ax.set_xticks(list(positions), labels, fontsize=9)
+        ax.set_title(group, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, max(values) * 1.18 if values else 1)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(title, fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log(f"chart written to {path}")
+    return True
+
+
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """The options every benchmark takes."""
     p.add_argument("--runs", type=int, default=3, help="runs per measurement; median reported")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="writer threads")
     p.add_argument("--results", type=Path, help="also append the report to this file")
+    p.add_argument(
+        "--chart",
+        type=Path,
+        metavar="PNG",
+        help="also draw the timings as a bar chart into PNG (needs matplotlib)",
+    )

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from ciphertextfs import __version__
 from ciphertextfs.commands import PROG, CommandError
+from ciphertextfs.commands.mount import helper_argv
 
 COMMANDS = ("mount", "decrypt", "inspect", "demo")
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(helper_argv(sys.argv[1:] if argv is None else argv, COMMANDS))
     try:
         return int(args.run(args) or 0)
     except CommandError as e:

@@ -45,6 +45,7 @@ import os
 import signal
 import stat
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -110,9 +111,22 @@ def _fuse_errors(
             if isinstance(e, OSError) and e.errno in (errno.ENOMEM, errno.EOVERFLOW):
                 code = e.errno
             log.warning("%s %s: %s: %s", handler.__name__, where, type(e).__name__, e)
+            stats = getattr(args[0], "stats", None) if args else None
+            if isinstance(stats, ServeStats):
+                stats.errors += 1
             raise pyfuse3.FUSEError(code) from None
 
     return wrapper
+
+
+@dataclass
+class ServeStats:
+    """What a mount served, for the summary logged at unmount."""
+
+    entries: int = 0
+    lookups: int = 0
+    bytes: int = 0
+    errors: int = 0
 
 
 async def _async_erofs(*_args: Any, **_kwargs: Any) -> None:
@@ -159,6 +173,7 @@ class CiphertextOperations(pyfuse3.Operations):
         self._window_bytes = 0
         self._drop_limiter = trio.CapacityLimiter(1)
         self._next_fh = 1
+        self.stats = ServeStats()
 
     # -- node ids -----------------------------------------------------------
 
@@ -208,7 +223,9 @@ class CiphertextOperations(pyfuse3.Operations):
             return self._entry(parent)
         if name == b"..":
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._entry(self.view.lookup(parent, name))
+        entry = self._entry(self.view.lookup(parent, name))
+        self.stats.lookups += 1
+        return entry
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -266,12 +283,15 @@ class CiphertextOperations(pyfuse3.Operations):
                     attr = self._entry(ent.ino)
                 except Exception as e:  # noqa: BLE001 - one bad entry must not hide the rest
                     log.error("inode %d (%r): %s", ent.ino, ent.name, e)
+                    self.stats.errors += 1
                     attr = self._unreadable_entry(ent.ino)
                     if attr is None:
                         continue
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 return
             added += 1
+            if i >= 2:
+                self.stats.entries += 1
         if damaged and not added:
             log.error("readdir of inode %d: directory damaged, answering EIO", dir_node)
             raise pyfuse3.FUSEError(errno.EIO)
@@ -331,6 +351,7 @@ class CiphertextOperations(pyfuse3.Operations):
             log.debug("cannot store inode %d in the page cache: %s", ino, e)
             return
         self._account_cached(ino, len(data))
+        self.stats.bytes += len(data)
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -348,6 +369,7 @@ class CiphertextOperations(pyfuse3.Operations):
             )
         if not self.direct_io:
             self._account_cached(fh, len(data))
+        self.stats.bytes += len(data)
         return data
 
     def _account_cached(self, ino: int, nbytes: int) -> None:

@@ -13,9 +13,11 @@ import logging
 import os
 import stat
 import sys
+import textwrap
+from collections.abc import Sequence
 from typing import Any
 
-from ciphertextfs.commands import PROG, CommandError
+from ciphertextfs.commands import PROG, CommandError, mountlog
 
 log = logging.getLogger("ciphertextfs")
 
@@ -26,7 +28,49 @@ MOUNT_OPTIONS = {
     "debug": "trace every FUSE request to stderr; implies -f",
     "ro": "read-only (always on)",
     "default_permissions": "the kernel checks file modes and ACLs (always on)",
+    "noexec": "do not allow programs in the view to be executed",
 }
+
+#: Options mount(8), mount.fuse3 and systemd put into an option list, or an
+#: fstab line holds for them, that mean nothing to the view: accepted and
+#: ignored.  The view is always nodev,nosuid (it shows device nodes and
+#: set-user-ID files of someone else's filesystem): dev and suid, which
+#: mount.fuse3 adds whenever nodev and nosuid are absent, do not turn that off.
+IGNORED_OPTIONS = frozenset(
+    {
+        "defaults",
+        "auto",
+        "noauto",
+        "nofail",
+        "_netdev",
+        "user",
+        "users",
+        "nouser",
+        "owner",
+        "group",
+        "dev",
+        "nodev",
+        "suid",
+        "nosuid",
+        "exec",
+        "atime",
+        "noatime",
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "nostrictatime",
+        "diratime",
+        "nodiratime",
+        "lazytime",
+        "nolazytime",
+        "async",
+        "sync",
+    }
+)
+
+#: Prefixes of options that belong to mount(8) or systemd (x-systemd.automount,
+#: x-systemd.requires=..., x-mount.mkdir, comment=...).
+IGNORED_PREFIXES = ("x-", "comment=")
 
 DESCRIPTION = """\
 Mount a read-only view of an ext4 filesystem at MOUNTPOINT in which files
@@ -57,11 +101,27 @@ modes and ACLs (default_permissions is always on).
 Unless -f is given, the command returns once the view answers requests
 and a background process serves it.  Unmount with 'fusermount3 -u
 MOUNTPOINT' or 'umount MOUNTPOINT'; SIGTERM or SIGINT to the serving
-process also unmounts."""
+process also unmounts.
+
+In the background the view logs to syslog (the journal on systemd
+machines) under the name ciphertextfs, or with --log to a file: one line
+per damaged object (inode, directory entry, read error), at most {burst}
+warnings per {interval:g} s and then a line counting those suppressed, and at
+unmount a summary (entries listed, lookups, bytes read, errors) at info
+level.  Without a syslog daemon (/dev/log) warnings and errors go to the
+kernel log (dmesg).  With -f everything goes to stderr."""
 
 EPILOG = """\
 mount options (-o, comma-separated):
 {options}
+{ignored}
+
+fstab and mount -t:
+  mount(8) runs 'mount.fuse3', which runs '{prog} SOURCE MOUNTPOINT -o OPTIONS';
+  that form is the same as '{prog} mount -o OPTIONS SOURCE MOUNTPOINT':
+    mount -t fuse.ciphertextfs /dev/vg/home-snap /mnt/view -o ro,allow_other
+    # /etc/fstab:
+    /dev/vg/home-snap  /mnt/view  fuse.ciphertextfs  ro,allow_other,noauto,nofail  0 0
 
 exit status:
   0  mounted (with -f: served, then unmounted cleanly)
@@ -82,13 +142,22 @@ examples:
 """
 
 
+def ignored_options_text() -> str:
+    names = ", ".join([*sorted(IGNORED_OPTIONS), "x-*", "comment=*"])
+    text = (
+        f"Also accepted and ignored, as in an fstab line: {names}.  The view is always "
+        "read-only, nodev and nosuid; 'rw' is refused."
+    )
+    return textwrap.fill(text, width=78, initial_indent="  ", subsequent_indent="  ")
+
+
 def register(subparsers: Any) -> None:
     options = "\n".join(f"  {name:<20} {text}" for name, text in MOUNT_OPTIONS.items())
     p = subparsers.add_parser(
         "mount",
         help="mount the ciphertext view of an ext4 filesystem",
-        description=DESCRIPTION,
-        epilog=EPILOG.format(options=options),
+        description=DESCRIPTION.format(burst=mountlog.BURST, interval=mountlog.INTERVAL),
+        epilog=EPILOG.format(options=options, ignored=ignored_options_text(), prog=PROG),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -108,7 +177,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--log",
         metavar="FILE",
-        help="append warnings (damaged inodes, read errors) to FILE when in the background",
+        help="in the background, append warnings (damaged inodes, read errors) and the "
+        "summary at unmount to FILE instead of syslog",
     )
     p.add_argument("source", metavar="SOURCE", help="ext4 block device, image file or directory")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory, not in use")
@@ -116,19 +186,35 @@ def register(subparsers: Any) -> None:
 
 
 def parse_options(values: list[str]) -> set[str]:
+    """The view's own options named in `values`; CommandError (exit 2) for a wrong one."""
     chosen = set()
     for value in values:
         for name in value.split(","):
             name = name.strip()
-            if not name:
+            if not name or name in IGNORED_OPTIONS or name.startswith(IGNORED_PREFIXES):
                 continue
             if name == "rw":
-                raise CommandError("option 'rw': the view is always read-only", exit_code=2)
+                raise CommandError(
+                    "option 'rw': the view is always read-only (give 'ro')", exit_code=2
+                )
             if name not in MOUNT_OPTIONS:
                 known = ", ".join(MOUNT_OPTIONS)
                 raise CommandError(f"unknown mount option '{name}' (known: {known})", 2)
             chosen.add(name)
     return chosen
+
+
+def helper_argv(argv: Sequence[str], commands: Sequence[str]) -> list[str]:
+    """The argument list with mount.fuse3's form turned into the mount command's.
+
+    mount(8) hands fuse.* types to mount.fuse3, which runs `ciphertextfs
+    SOURCE MOUNTPOINT -o OPTIONS`: a first argument that is neither a
+    command nor an option is that form.
+    """
+    argv = list(argv)
+    if argv and argv[0] not in commands and not argv[0].startswith("-"):
+        return ["mount", *argv]
+    return argv
 
 
 def check_mountpoint(path: str) -> None:
@@ -184,28 +270,11 @@ def open_source(path: str) -> tuple[Any, Any]:
     return fs, source
 
 
-def configure_logging(foreground: bool, debug: bool, log_file: str | None) -> None:
-    log.propagate = False
-    log.setLevel(logging.DEBUG if debug else logging.WARNING)
-    handler: logging.Handler
-    if foreground or debug:
-        handler = logging.StreamHandler(sys.stderr)
-    elif log_file:
-        try:
-            handler = logging.FileHandler(log_file)
-        except OSError as e:
-            raise CommandError(f"{log_file}: {e.strerror}") from None
-    else:
-        handler = logging.NullHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s ciphertextfs[%(process)d]: %(message)s"))
-    log.addHandler(handler)
-
-
 def run(args: argparse.Namespace) -> int:
     options = parse_options(args.options)
     debug = "debug" in options
     foreground = args.foreground or debug
-    configure_logging(foreground, debug, args.log)
+    mountlog.configure(log, foreground, debug, args.log)
 
     fs, source = open_source(args.source)
     check_mountpoint(args.mountpoint)
@@ -233,10 +302,25 @@ def run(args: argparse.Namespace) -> int:
     opts = fuse_options(
         os.path.abspath(args.source), allow_other="allow_other" in options, debug=debug
     )
+    if "noexec" in options:
+        opts.add("noexec")
     mountpoint = os.path.abspath(args.mountpoint)
     if foreground:
         return serve_foreground(ops, mountpoint, opts)
     return serve_background(ops, mountpoint, opts, args.log)
+
+
+def log_summary(ops: Any, mountpoint: str) -> None:
+    s = ops.stats
+    log.info(
+        "%s unmounted: %d entries listed, %d lookups, %d bytes read, %d errors",
+        mountpoint,
+        s.entries,
+        s.lookups,
+        s.bytes,
+        s.errors,
+    )
+    mountlog.finish(log)
 
 
 def serve_foreground(ops: Any, mountpoint: str, opts: set[str]) -> int:
@@ -246,6 +330,7 @@ def serve_foreground(ops: Any, mountpoint: str, opts: set[str]) -> int:
         serve(ops, mountpoint, opts)
     except RuntimeError as e:
         raise CommandError(f"{mountpoint}: cannot mount: {e}") from None
+    log_summary(ops, mountpoint)
     return 0
 
 
@@ -288,6 +373,7 @@ def serve_background(ops: Any, mountpoint: str, opts: set[str], log_file: str | 
         code = 0
         try:
             serve(ops, mountpoint, opts, on_ready)
+            log_summary(ops, mountpoint)
         except BaseException as e:  # noqa: BLE001 - report whatever ends the child
             code = 1
             if ready:
