@@ -141,7 +141,8 @@ def th(name: str, section: int, title: str) -> str:
 def program_page(parser: argparse.ArgumentParser) -> str:
     """ciphertextfs(8) from the top-level parser and every command's parser."""
     cmds = commands(parser)
-    out = [th(PROG, 8, "System Administration")]
+    # No hyphenation: option names broken at a hyphen read as other options.
+    out = [th(PROG, 8, "System Administration"), ".nh"]
     first = (parser.description or "").split(":")[0].strip().rstrip(".")
     out += [".SH NAME", f"{PROG} \\- {escape(first[:1].lower() + first[1:])}"]
     out.append(".SH SYNOPSIS")
