@@ -276,3 +276,44 @@ def encode_dx_entries(limit: int, entries: list[tuple[int, int]]) -> bytes:
     out = [_COUNTLIMIT.pack(limit, len(entries)), struct.pack("<I", entries[0][1])]
     out += [struct.pack("<II", h, b) for h, b in entries[1:]]
     return b"".join(out)
+
+
+def dx_limit(block_size: int, count_offset: int, csum: bool) -> int:
+    """dx_countlimit.limit of a root (count_offset 0x20) or node (0x8)."""
+    return (block_size - count_offset - (DX_TAIL_SIZE if csum else 0)) // 8
+
+
+def encode_dx_root(
+    ino: int,
+    parent: int,
+    hash_version: int,
+    indirect_levels: int,
+    entries: list[tuple[int, int]],
+    block_size: int,
+    seed: int | None,
+) -> bytes:
+    """Block 0 of an indexed directory: "." and "..", dx_root_info, the dx entries."""
+    limit = dx_limit(block_size, DX_ROOT_COUNT_OFFSET, seed is not None)
+    buf = bytearray(block_size)
+    buf[:DX_ROOT_INFO_OFFSET] = encode_dots(ino, parent, block_size - 12)[:DX_ROOT_INFO_OFFSET]
+    DX_ROOT_INFO.pack_into(buf, DX_ROOT_INFO_OFFSET, 0, hash_version, 8, indirect_levels, 0)
+    body = encode_dx_entries(limit, entries)
+    buf[DX_ROOT_COUNT_OFFSET : DX_ROOT_COUNT_OFFSET + len(body)] = body
+    if seed is not None:
+        tail = DX_ROOT_COUNT_OFFSET + 8 * limit
+        buf[tail : tail + DX_TAIL_SIZE] = dx_tail(bytes(buf), DX_ROOT_COUNT_OFFSET, seed)
+    return bytes(buf)
+
+
+def encode_dx_node(entries: list[tuple[int, int]], block_size: int, seed: int | None) -> bytes:
+    """An interior htree block: one empty fake entry over the block, then dx entries."""
+    limit = dx_limit(block_size, DX_NODE_COUNT_OFFSET, seed is not None)
+    buf = bytearray(block_size)
+    raw_len = block_size if block_size < 65536 else 65535
+    _DIRENT.pack_into(buf, 0, 0, raw_len, 0, 0)
+    body = encode_dx_entries(limit, entries)
+    buf[DX_NODE_COUNT_OFFSET : DX_NODE_COUNT_OFFSET + len(body)] = body
+    if seed is not None:
+        tail = DX_NODE_COUNT_OFFSET + 8 * limit
+        buf[tail : tail + DX_TAIL_SIZE] = dx_tail(bytes(buf), DX_NODE_COUNT_OFFSET, seed)
+    return bytes(buf)

@@ -90,6 +90,7 @@ class Node:
     links: int = 0
     side: SideFile | None = None
     side_loaded: bool = False
+    indexed: bool = False
 
     @property
     def encrypted(self) -> bool:

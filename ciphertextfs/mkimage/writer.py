@@ -18,6 +18,8 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 
 from ciphertextfs.ext4.dirent import (
+    DX_NODE_COUNT_OFFSET,
+    DX_ROOT_COUNT_OFFSET,
     EXT4_FT_BLKDEV,
     EXT4_FT_CHRDEV,
     EXT4_FT_DIR,
@@ -25,9 +27,13 @@ from ciphertextfs.ext4.dirent import (
     EXT4_FT_REG_FILE,
     EXT4_FT_SOCK,
     EXT4_FT_SYMLINK,
+    dx_limit,
+    encode_dx_node,
+    encode_dx_root,
     encode_leaf_block,
     pack_leaf_blocks,
 )
+from ciphertextfs.ext4.dirhash import dx_hash_version, ext4fs_dirhash
 from ciphertextfs.ext4.extents import (
     EXT_INIT_MAX_LEN,
     Mapping,
@@ -40,13 +46,19 @@ from ciphertextfs.ext4.extents import (
 from ciphertextfs.ext4.inode import (
     EXT4_ENCRYPT_FL,
     EXT4_EXTENTS_FL,
+    EXT4_INDEX_FL,
     I_BLOCK_SIZE,
     encode_inode,
     encode_rdev,
     ibody_xattr_space,
     inode_csum_seed,
 )
-from ciphertextfs.ext4.superblock import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, parse_superblock
+from ciphertextfs.ext4.superblock import (
+    COMPAT_DIR_INDEX,
+    SUPERBLOCK_OFFSET,
+    SUPERBLOCK_SIZE,
+    parse_superblock,
+)
 from ciphertextfs.ext4.xattr import (
     EXT4_XATTR_INDEX_ENCRYPTION,
     XATTR_HEADER_SIZE,
@@ -458,6 +470,8 @@ class ImageWriter:
             i_block, blocks = self._write_dir(node)
             size = blocks * bs
             flags |= EXT4_EXTENTS_FL
+            if node.indexed:
+                flags |= EXT4_INDEX_FL
             subdirs = sum(
                 1
                 for _, c in node.children
@@ -520,15 +534,78 @@ class ImageWriter:
         ]
         packed = pack_leaf_blocks(entries, self.bs, self.seed is not None)
         seed = self._inode_seed(node)
+        if len(packed) > 1 and self.sb.has_compat(COMPAT_DIR_INDEX):
+            blocks = self._htree(node, entries[2:], seed)
+        else:
+            blocks = [encode_leaf_block(b, self.bs, seed) for b in packed]
         mappings: list[Mapping] = []
         lblk = 0
-        for blk, cnt in self._alloc(len(packed)):
+        for blk, cnt in self._alloc(len(blocks)):
             for k in range(cnt):
-                self._pwrite(blk + k, encode_leaf_block(packed[lblk + k], self.bs, seed))
+                self._pwrite(blk + k, blocks[lblk + k])
             _add_mapping(mappings, lblk, blk, cnt)
             lblk += cnt
         i_block, tree = self._extent_tree(node, mappings)
-        return i_block, len(packed) + tree
+        return i_block, len(blocks) + tree
+
+    def _htree(
+        self, node: Node, entries: list[tuple[int, bytes, int]], seed: int | None
+    ) -> list[bytes]:
+        """The blocks of an indexed directory: root, interior nodes, leaves in hash order.
+
+        Names are hashed as the kernel hashes them for lookups (the
+        ciphertext name in an encrypted directory), with the filesystem's
+        default hash version recorded in dx_root_info.
+        """
+        assert node.parent is not None
+        bs = self.bs
+        csum = self.seed is not None
+        raw_version = self.sb.s_def_hash_version
+        version = dx_hash_version(raw_version, self.sb.s_flags)
+        hashed = sorted(
+            (ext4fs_dirhash(name, version, self.sb.s_hash_seed), ino, name, ft)
+            for ino, name, ft in entries
+        )
+        leaves = pack_leaf_blocks([(i, n, f) for _, i, n, f in hashed], bs, csum)
+        hashes = [h for h, *_ in hashed]
+        index: list[int] = []
+        pos = 0
+        for leaf in leaves:
+            h = hashes[pos][0]
+            if pos and hashes[pos - 1][0] == h:
+                h |= 1
+            index.append(h)
+            pos += len(leaf)
+        root_limit = dx_limit(bs, DX_ROOT_COUNT_OFFSET, csum)
+        node_limit = dx_limit(bs, DX_NODE_COUNT_OFFSET, csum)
+        if len(leaves) <= root_limit:
+            first_leaf = 1
+            root = [(index[i], first_leaf + i) for i in range(len(leaves))]
+            interior: list[bytes] = []
+            levels = 0
+        else:
+            groups = _ceil(len(leaves), node_limit)
+            if groups > root_limit:
+                raise RestoreProblem(
+                    f"directory of {len(entries)} entries needs a third htree level (largedir)"
+                )
+            first_leaf = 1 + groups
+            root, interior = [], []
+            for g in range(groups):
+                lo = g * node_limit
+                part = range(lo, min(lo + node_limit, len(leaves)))
+                interior.append(
+                    encode_dx_node([(index[i], first_leaf + i) for i in part], bs, seed)
+                )
+                root.append((index[lo], 1 + g))
+            levels = 1
+        blocks = [
+            encode_dx_root(node.ino, node.parent.ino, raw_version, levels, root, bs, seed),
+            *interior,
+        ]
+        blocks += [encode_leaf_block(b, bs, seed) for b in leaves]
+        node.indexed = True
+        return blocks
 
 
 def _add_mapping(mappings: list[Mapping], lblk: int, pblk: int, n: int) -> None:
