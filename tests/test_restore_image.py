@@ -231,3 +231,57 @@ def test_a_loop_mounted_image_is_refused_even_with_force(world: World, tmp_path:
         r = restore_image(world.rsynced, Path(dev), "--force")
         assert r.returncode == 2
         assert "mounted" in r.stderr or "in use" in r.stderr
+
+
+def test_fscrypt_tool_unlocks_after_the_round_trip(tmp_path: Path) -> None:
+    """google/fscrypt's passphrase protector and its .fscrypt metadata come back."""
+    harness.require_fuse()
+    env = dict(os.environ, FSCRYPT_CONF=os.fspath(tmp_path / "fscrypt.conf"))
+
+    def fscrypt(*args: str | os.PathLike[str], root: Path, stdin: str = "") -> None:
+        r = subprocess.run(
+            ["fscrypt", *map(os.fspath, args)],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=env | {"FSCRYPT_ROOT_MNT": os.fspath(root)},
+            timeout=120,
+        )
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+
+    image = harness.mkfs(tmp_path / "src.img", size_mb=32, features=("encrypt",))
+    with harness.mounted(image, tmp_path / "src.mnt") as (_dev, mnt):
+        fscrypt("setup", "--time=1ms", "--quiet", "--force", root=mnt)
+        secret = mnt / "secret"
+        secret.mkdir()
+        fscrypt(
+            "encrypt",
+            "--source=custom_passphrase",
+            "--name=admin-test",
+            "--quiet",
+            secret,
+            root=mnt,
+            stdin="correct horse\n",
+        )
+        (secret / "diary").write_bytes(b"dear diary\n" * 1000)
+        (secret / "sub").mkdir()
+        os.symlink("../diary", secret / "sub" / "link")
+        fscrypt("lock", secret, root=mnt)
+        assert "diary" not in os.listdir(secret)
+    archive = tmp_path / "view.tar"
+    with view_mount(image, tmp_path / "view") as v:
+        r = run("tar", "--xattrs", "--xattrs-include=*", "-cf", archive, "-C", v.mountpoint, ".")
+        assert r.returncode == 0, r.stderr
+    out = tmp_path / "new.img"
+    r = restore_image(archive, out, "-q")
+    assert r.returncode == 0, r.stderr
+    assert e2fsck(out).returncode == 0
+    with harness.mounted(out, tmp_path / "new.mnt") as (_dev, mnt):
+        secret = mnt / "secret"
+        assert "diary" not in os.listdir(secret)
+        fscrypt("unlock", "--quiet", secret, root=mnt, stdin="correct horse\n")
+        try:
+            assert (secret / "diary").read_bytes() == b"dear diary\n" * 1000
+            assert os.readlink(secret / "sub" / "link") == "../diary"
+        finally:
+            fscrypt("lock", secret, root=mnt)

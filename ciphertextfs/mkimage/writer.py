@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import tarfile
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -320,7 +321,7 @@ class ImageWriter:
         self._allocated = []
         try:
             nbytes = self._encode(node)
-        except (RestoreProblem, ValueError, Ext2Error, OSError) as err:
+        except (RestoreProblem, ValueError, Ext2Error, OSError, EOFError, tarfile.TarError) as err:
             for blk, n in self._allocated:
                 self.fs.free_range(blk, n)
             self.failed.add(node.ino)
