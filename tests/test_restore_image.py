@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from tests import harness, trees
 from tests.harness_restore import SIDE, walk
 from tests.harness_view import CLI, view_mount
 
-BLOCK = 4096
 POLICIES = ("v1", "v2", "v2-pad4", "v2-ino64", "v2-ino32", "v2-du512")
+POLICIES_1K = ("v1", "v2", "v2-ino32")
 FULL = ("v2",)
 
 
@@ -75,22 +76,24 @@ class World:
     rsynced: Path
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+@pytest.fixture(scope="module", params=[4096, 1024], ids=["4k", "1k"])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> World:
+    """The original image: 4 KiB blocks (every policy), 1 KiB blocks (two-level htree)."""
     harness.require_fuse()
-    base = tmp_path_factory.mktemp("rimage")
+    block = request.param
+    base = tmp_path_factory.mktemp(f"rimage{block}")
     image = harness.mkfs(
-        base / "src.img", size_mb=96, block_size=BLOCK, features=("encrypt", "stable_inodes")
+        base / "src.img", size_mb=96, block_size=block, features=("encrypt", "stable_inodes")
     )
     with harness.mounted(image, base / "src.mnt") as (_dev, mnt):
         with trees.keys_added(mnt) as keys:
             (mnt / "plain").mkdir()
-            trees.write_tree(mnt / "plain", BLOCK, small=True)
-            for name in POLICIES:
+            trees.write_tree(mnt / "plain", block, small=True)
+            for name in POLICIES if block == 4096 else POLICIES_1K:
                 d = mnt / encdir(name)
                 d.mkdir()
                 trees.POLICY[name].apply(d, keys)
-                trees.write_tree(d, BLOCK, small=name not in FULL)
+                trees.write_tree(d, block, small=name not in FULL)
             os.sync()
             plain = walk(mnt)
             trees.lock(mnt, keys)
@@ -205,7 +208,9 @@ def test_damaged_backups_are_reported_and_the_image_is_clean(world: World) -> No
 def test_truncated_archive_is_reported_and_the_image_is_clean(world: World) -> None:
     cut = world.base / "cut.tar"
     data = world.archive.read_bytes()
-    cut.write_bytes(data[: len(data) // 2 + 777])
+    with tarfile.open(world.archive) as tar:
+        biggest = max(tar.getmembers(), key=lambda m: m.size)
+    cut.write_bytes(data[: biggest.offset_data + biggest.size // 2])
     out = world.base / "cut.img"
     r = restore_image(cut, out)
     assert r.returncode == 1, r.stderr

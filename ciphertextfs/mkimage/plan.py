@@ -143,23 +143,34 @@ class Planner:
         self.fs_uuid: bytes | None = None
         self.data_bytes = 0
         self.name_bytes = 0
+        self.failed_dirs: dict[Path_, int] = {}
+        self.dir_problems: list[list] = []
 
     def run(self) -> Plan:
         root: Node | None = None
         for item in self.backup.entries():
+            if item.path and item.path[:-1] in self.failed_dirs:
+                self._below_failed(item)
+                continue
             if isinstance(item, TreeProblem):
                 self.report.problem(item.path, item.reason)
                 continue
             try:
                 node = self._entry(item)
-            except (RestoreProblem, FormatError, FscryptError) as err:
-                self.report.problem(item.path, str(err))
-                continue
-            except OSError as err:
-                self.report.problem(item.path, err.strerror or str(err))
+            except (RestoreProblem, FormatError, FscryptError, OSError) as err:
+                reason = str(err)
+                if isinstance(err, OSError) and err.strerror:
+                    reason = err.strerror
+                if item.kind is Kind.DIR:
+                    self.failed_dirs[item.path] = len(self.dir_problems)
+                    self.dir_problems.append([item.path, reason, 0])
+                else:
+                    self.report.problem(item.path, reason)
                 continue
             if not item.path and node is not None:
                 root = node
+        for path, reason, below in self.dir_problems:
+            self.report.problem(path, reason, below)
         if root is None:
             root = Node((), Kind.DIR, 0o755, 0, 0, 0, 0)
             self.nodes.insert(0, root)
@@ -183,6 +194,13 @@ class Planner:
         return Plan(
             root, self.nodes, self.block_size, self.fs_uuid, self.data_bytes, self.name_bytes
         )
+
+    def _below_failed(self, item: Entry | TreeProblem) -> None:
+        """An entry below a directory that was not restored: counted with it."""
+        index = self.failed_dirs[item.path[:-1]]
+        self.dir_problems[index][2] += 1
+        if isinstance(item, Entry) and item.kind is Kind.DIR:
+            self.failed_dirs[item.path] = index
 
     def _side(self, d: Node) -> SideFile | None:
         if not d.side_loaded:
