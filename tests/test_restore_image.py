@@ -11,6 +11,7 @@ image must show once the same master keys are added.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import tarfile
 from dataclasses import dataclass
@@ -185,7 +186,9 @@ def test_damaged_backups_are_reported_and_the_image_is_clean(world: World) -> No
     (names / SIDE).unlink()
     # A tampered context costs that file.
     victim = next(
-        p for p in sorted((damaged / encdir("v1")).rglob("*")) if p.is_file() and p.name != SIDE
+        p
+        for p in sorted((damaged / encdir("v1")).rglob("*"))
+        if stat.S_ISREG(p.lstat().st_mode) and p.name != SIDE
     )
     os.setxattr(victim, "user.fscrypt.context", b"\x01\x01")
     out = world.base / "damaged.img"

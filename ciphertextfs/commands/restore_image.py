@@ -112,6 +112,12 @@ def run(args: argparse.Namespace) -> int:
         extended=[o for arg in args.extended for o in arg.split(",") if o],
         label=args.label,
     )
+    if args.source == "-":
+        raise CommandError(
+            "restore-image reads the backup twice (once to size the filesystem): "
+            "give the archive as a file, not on standard input",
+            EXIT_FATAL,
+        )
     try:
         backup = open_backup(args.source)
     except BackupError as e:
@@ -120,10 +126,10 @@ def run(args: argparse.Namespace) -> int:
         plan = Planner(backup, report).run()
         try:
             make_filesystem(plan, args.target, opts)
-            ImageWriter(plan, args.target, report).run()
+            ImageWriter(plan, args.target, report, lambda: open_backup(args.source)).run()
         except TargetError as e:
             raise CommandError(str(e), EXIT_FATAL) from None
-        except (Ext2Error, OSError) as e:
+        except (Ext2Error, OSError, BackupError) as e:
             raise CommandError(f"{args.target}: {e}", EXIT_FATAL) from None
     report._clear()
     if not args.quiet:

@@ -16,6 +16,7 @@ import subprocess
 import tarfile
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ciphertextfs.ext4.dirent import (
@@ -68,7 +69,7 @@ from ciphertextfs.ext4.xattr import (
     encode_block,
     encode_ibody,
 )
-from ciphertextfs.restore.backup import Kind
+from ciphertextfs.restore.backup import Backup, Entry, Kind
 from ciphertextfs.restore.plan import RestoreProblem
 from ciphertextfs.restore.report import Report
 
@@ -261,8 +262,11 @@ class _NodeFailed(Exception):
 class ImageWriter:
     """Writes every node of a plan into a filesystem mke2fs has just made."""
 
-    def __init__(self, plan: Plan, target: str, report: Report) -> None:
+    def __init__(
+        self, plan: Plan, target: str, report: Report, reopen: Callable[[], Backup]
+    ) -> None:
         self.plan = plan
+        self.reopen = reopen
         self.target = target
         self.report = report
         with open(target, "rb") as f:
@@ -285,8 +289,9 @@ class ImageWriter:
             self._assign_inodes()
             fs.punch(2)
             fs.punch(11)
+            self._write_files()
             for node in self.plan.nodes:
-                if node.kind is not Kind.DIR and node.ino:
+                if node.kind not in (Kind.DIR, Kind.REG) and node.ino:
                     self._write_node(node)
             for node in reversed(self.plan.nodes):
                 if node.kind is Kind.DIR and node.ino:
@@ -298,6 +303,31 @@ class ImageWriter:
             raise
         os.close(self.fd)
         fs.close()
+
+    def _write_files(self) -> None:
+        """Regular files, in a second read of the backup.
+
+        A tar archive read as a stream gives a member's contents only while
+        that member is the current entry, so contents are read in backup
+        order, in a pass of their own once the filesystem exists.
+        """
+        todo = {n.path: n for n in self.plan.nodes if n.kind is Kind.REG and n.ino}
+        with self.reopen() as backup:
+            for item in backup.entries():
+                node = todo.pop(item.path, None) if isinstance(item, Entry) else None
+                if node is None:
+                    continue
+                if item.kind is not Kind.REG or item.open is None or item.size != node.data_len:
+                    self._fail(node, "changed in the backup between its two reads")
+                    continue
+                node.open = item.open
+                self._write_node(node)
+        for node in todo.values():
+            self._fail(node, "missing from the backup on its second read")
+
+    def _fail(self, node: Node, reason: str) -> None:
+        self.failed.add(node.ino)
+        self.report.problem(node.path, reason)
 
     def _assign_inodes(self) -> None:
         reserved = {n.want_ino for n in self.plan.nodes if n.want_ino is not None}
@@ -324,9 +354,8 @@ class ImageWriter:
         except (RestoreProblem, ValueError, Ext2Error, OSError, EOFError, tarfile.TarError) as err:
             for blk, n in self._allocated:
                 self.fs.free_range(blk, n)
-            self.failed.add(node.ino)
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-            self.report.problem(node.path, reason)
+            self._fail(node, reason)
             return
         self.report.done(nbytes)
 
