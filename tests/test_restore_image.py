@@ -293,3 +293,14 @@ def test_fscrypt_tool_unlocks_after_the_round_trip(tmp_path: Path) -> None:
             assert os.readlink(secret / "sub" / "link") == "../diary"
         finally:
             fscrypt("lock", secret, root=mnt)
+
+
+def test_force_overwrites_an_image_with_options_passed_to_mke2fs(world: World) -> None:
+    """An old filesystem is replaced; -O reaches mke2fs and the writer follows it."""
+    target = harness.mkfs(world.base / "old.img", size_mb=300, features=("^metadata_csum",))
+    r = restore_image(world.rsynced, target, "--force", "-q", "-O", "^metadata_csum,^dir_index")
+    assert r.returncode == 0, r.stderr
+    features = harness.dumpe2fs_header(target)["Filesystem features"].split()
+    assert "metadata_csum" not in features and "dir_index" not in features
+    assert os.path.getsize(target) == 300 << 20
+    check_image(world, target, same_seed=False)

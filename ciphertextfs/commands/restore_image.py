@@ -8,6 +8,7 @@ error.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -122,15 +123,17 @@ def run(args: argparse.Namespace) -> int:
         backup = open_backup(args.source)
     except BackupError as e:
         raise CommandError(str(e), EXIT_FATAL) from None
+    existed = os.path.lexists(args.target)
     with backup:
         plan = Planner(backup, report).run()
         try:
             make_filesystem(plan, args.target, opts)
             ImageWriter(plan, args.target, report, lambda: open_backup(args.source)).run()
-        except TargetError as e:
-            raise CommandError(str(e), EXIT_FATAL) from None
-        except (Ext2Error, OSError, BackupError) as e:
-            raise CommandError(f"{args.target}: {e}", EXIT_FATAL) from None
+        except (TargetError, Ext2Error, OSError, BackupError) as e:
+            if not existed and os.path.isfile(args.target):
+                os.unlink(args.target)
+            msg = str(e) if isinstance(e, TargetError) else f"{args.target}: {e}"
+            raise CommandError(msg, EXIT_FATAL) from None
     report._clear()
     if not args.quiet:
         from ciphertextfs.restore.report import _human

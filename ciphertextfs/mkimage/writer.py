@@ -57,6 +57,9 @@ from ciphertextfs.ext4.inode import (
 )
 from ciphertextfs.ext4.superblock import (
     COMPAT_DIR_INDEX,
+    INCOMPAT_ENCRYPT,
+    INCOMPAT_EXTENTS,
+    INCOMPAT_FILETYPE,
     SUPERBLOCK_OFFSET,
     SUPERBLOCK_SIZE,
     parse_superblock,
@@ -181,8 +184,10 @@ def _loop_backing(path: str) -> str | None:
 def prepare_target(target: str, size: int, opts: MkfsOptions) -> bool:
     """Create a sparse image, or check that an existing one may be overwritten.
 
-    Returns whether the target existed.  A mounted device, or an image a
-    loop device is using, is refused even with --force.
+    Returns whether the target is a block device (whose old contents are
+    not discarded).  An existing image keeps its size unless --size says
+    otherwise or it is too small; a mounted device, or an image a loop
+    device is using, is refused even with --force.
     """
     try:
         st = os.stat(target)
@@ -217,12 +222,13 @@ def prepare_target(target: str, size: int, opts: MkfsOptions) -> bool:
     loop = _loop_backing(target)
     if loop is not None:
         raise TargetError(f"{target} is in use by {loop}")
+    new_size = opts.size if opts.size is not None else max(st.st_size, size)
     os.truncate(target, 0)
-    os.truncate(target, size)
-    return True
+    os.truncate(target, new_size)
+    return False
 
 
-def mkfs_command(plan: Plan, target: str, size: int, opts: MkfsOptions, existed: bool) -> list[str]:
+def mkfs_command(plan: Plan, target: str, size: int, opts: MkfsOptions, device: bool) -> list[str]:
     bs = block_size_of(plan)
     features = ["encrypt"]
     if plan.fs_uuid is not None:
@@ -232,21 +238,21 @@ def mkfs_command(plan: Plan, target: str, size: int, opts: MkfsOptions, existed:
     cmd += ["-N", str(inode_count(plan, size)), "-O", ",".join(features)]
     if plan.fs_uuid is not None:
         cmd += ["-U", str(uuidlib.UUID(bytes=plan.fs_uuid))]
-    extended = (["lazy_itable_init=0"] if existed else []) + opts.extended
+    extended = (["lazy_itable_init=0"] if device else []) + opts.extended
     if extended:
         cmd += ["-E", ",".join(extended)]
     if opts.label is not None:
         cmd += ["-L", opts.label]
     cmd.append(target)
-    if existed and opts.size is not None:
+    if device and opts.size is not None:
         cmd.append(f"{size // 1024}k")
     return cmd
 
 
 def make_filesystem(plan: Plan, target: str, opts: MkfsOptions) -> None:
     size = opts.size if opts.size is not None else image_size(plan)
-    existed = prepare_target(target, size, opts)
-    cmd = mkfs_command(plan, target, size, opts, existed)
+    device = prepare_target(target, size, opts)
+    cmd = mkfs_command(plan, target, size, opts, device)
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise TargetError(f"mke2fs failed: {res.stderr.strip() or res.stdout.strip()}")
@@ -272,6 +278,13 @@ class ImageWriter:
         with open(target, "rb") as f:
             f.seek(SUPERBLOCK_OFFSET)
             self.sb = parse_superblock(f.read(SUPERBLOCK_SIZE))
+        for flag, name in (
+            (INCOMPAT_EXTENTS, "extent"),
+            (INCOMPAT_FILETYPE, "filetype"),
+            (INCOMPAT_ENCRYPT, "encrypt"),
+        ):
+            if not self.sb.has_incompat(flag):
+                raise TargetError(f"restore-image needs the {name} feature (-O ^{name} given?)")
         self.bs = self.sb.block_size
         self.inode_size = self.sb.inode_size
         self.seed = self.sb.csum_seed if self.sb.metadata_csum else None
