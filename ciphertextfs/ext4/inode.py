@@ -256,9 +256,16 @@ EXT4_EXTRA_ISIZE = 32
 """i_extra_isize the writer gives every inode: up to i_projid, as mke2fs does."""
 
 
+EXT4_TIME_MIN = -(1 << 31)
+EXT4_TIME_MAX = (1 << 31) - 1 + (3 << 32)
+"""Seconds ext4 can store with the two epoch bits (1901 to 2446); others are clamped."""
+
+
 def _time_fields(ns: int) -> tuple[int, int]:
     """(seconds low 32 bits, extra: epoch bits and nanoseconds) of a time."""
     sec, nsec = divmod(ns, 1_000_000_000)
+    if not EXT4_TIME_MIN <= sec <= EXT4_TIME_MAX:
+        sec, nsec = min(max(sec, EXT4_TIME_MIN), EXT4_TIME_MAX), 0
     lo = sec & 0xFFFFFFFF
     signed_lo = lo - (1 << 32) if lo & 0x80000000 else lo
     epoch = ((sec - signed_lo) >> 32) & EXT4_EPOCH_MASK

@@ -91,6 +91,8 @@ class Node:
     side: SideFile | None = None
     side_loaded: bool = False
     indexed: bool = False
+    block_size: int | None = None
+    """The original filesystem's block size, as the entry or its directory records it."""
 
     @property
     def encrypted(self) -> bool:
@@ -242,6 +244,7 @@ class Planner:
             e.mtime_ns,
             e.atime_ns if e.atime_ns is not None else e.mtime_ns,
         )
+        node.block_size = attrs.block_size or (parent.block_size if parent else None)
         in_encrypted = parent is not None and parent.encrypted
         ino = attrs.ino
         uuid = attrs.fs_uuid
@@ -289,6 +292,7 @@ class Planner:
                     f"{node.data_len} bytes of ciphertext for user.fscrypt.size "
                     f"{node.size} (truncated or tampered)"
                 )
+            self._check_data_unit(node)
             self.data_bytes += node.data_len
         elif e.kind in (Kind.CHR, Kind.BLK):
             node.rdev = e.rdev
@@ -303,6 +307,17 @@ class Planner:
         if node.want_ino is not None:
             self.wanted[node.want_ino] = node
         return node
+
+    def _check_data_unit(self, node: Node) -> None:
+        """Without a custom data unit size, the data unit is the block: it must not change."""
+        ctx = node.context
+        if ctx is None or ctx.log2_data_unit_size or node.block_size is None:
+            return
+        if self.block_size is not None and node.block_size != self.block_size:
+            raise RestoreProblem(
+                f"encrypted in {node.block_size}-byte data units (the block size of its "
+                f"filesystem), but this image has {self.block_size}-byte blocks"
+            )
 
     def _want(self, node: Node, ino: int | None, uuid: bytes | None) -> None:
         if ino is None or uuid is None:
