@@ -31,6 +31,14 @@ contexts, contents (all-zero data units become holes), real sizes and
 symlinks are written as they were on disk; inode numbers are kept where a
 policy needs them.  Modes, owners, times, xattrs and POSIX ACLs come back.
 
+Locked directories list the same no-key names as on the old disk only with
+the old directory hash seed (-E hash_seed=UUID, from `dumpe2fs -h` of the
+old disk, if it can still be read): the hash at the start of a no-key name
+depends on it.  The names themselves, locked or unlocked, are the same.
+
+The backup is read twice (to size the filesystem, then for the contents),
+so a tar archive must be given as a file, not on standard input.
+
 Every entry that cannot be written is reported on stderr ("not restored:
 PATH: REASON") and left out; the filesystem stays consistent (e2fsck -fn)."""
 
