@@ -25,7 +25,7 @@ from tests import harness, trees
 from tests.harness_restore import SIDE, walk
 from tests.harness_view import CLI, view_mount
 
-POLICIES = ("v1", "v2", "v2-pad4", "v2-ino64", "v2-ino32", "v2-du512")
+POLICIES = tuple(p.name for p in trees.POLICIES)
 POLICIES_1K = ("v1", "v2", "v2-ino32")
 FULL = ("v2",)
 
