@@ -304,3 +304,21 @@ def test_force_overwrites_an_image_with_options_passed_to_mke2fs(world: World) -
     assert "metadata_csum" not in features and "dir_index" not in features
     assert os.path.getsize(target) == 300 << 20
     check_image(world, target, same_seed=False)
+
+
+def test_a_target_too_small_costs_files_never_the_directories(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d1" / "d2").mkdir(parents=True)
+    for i in range(2):
+        (src / "d1" / f"f{i}").write_bytes(os.urandom(1 << 20))
+    names = [f"small-file-with-a-long-name-{i}" for i in range(2000)]
+    for n in names:
+        (src / "d1" / "d2" / n).write_bytes(os.urandom(4096))
+    out = tmp_path / "small.img"
+    r = restore_image(src, out, "--size", "6M", "-O", "^has_journal")
+    assert r.returncode == 1, r.stderr
+    lost = {ln.split(": ")[2] for ln in r.stderr.splitlines() if "not restored:" in ln}
+    assert lost and not lost & {"d1", "d1/d2"}, r.stderr
+    assert e2fsck(out).returncode == 0, e2fsck(out).stdout
+    listing = set(run("debugfs", "-R", "ls /d1/d2", out).stdout.split())
+    assert {f"d1/d2/{n}" for n in names if n not in listing} == lost - {"d1/f0", "d1/f1"}

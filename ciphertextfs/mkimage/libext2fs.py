@@ -32,6 +32,12 @@ def _load() -> tuple[ctypes.CDLL, ctypes.CDLL | None]:
         com_err.error_message.argtypes = [_errcode]
     except OSError:
         com_err = None
+    try:
+        lib.initialize_ext2_error_table.argtypes = []
+        lib.initialize_ext2_error_table.restype = None
+        lib.initialize_ext2_error_table()
+    except AttributeError:
+        pass
     p = ctypes.c_void_p
     lib.ext2fs_open2.argtypes = [
         ctypes.c_char_p,

@@ -302,7 +302,11 @@ class ImageWriter:
             self._assign_inodes()
             fs.punch(2)
             fs.punch(11)
+            reserve = self._reserve_metadata()
             self._write_files()
+            for blk, n in reserve:
+                fs.free_range(blk, n)
+            self.goal = reserve[0][0] if reserve else self.goal
             for node in self.plan.nodes:
                 if node.kind not in (Kind.DIR, Kind.REG) and node.ino:
                     self._write_node(node)
@@ -316,6 +320,42 @@ class ImageWriter:
             raise
         os.close(self.fd)
         fs.close()
+
+    def _reserve_metadata(self) -> list[tuple[int, int]]:
+        """Blocks held back for directories, symlinks and xattr blocks while files are written.
+
+        A file that finds no space costs that file only; a directory that
+        found none would leave its entries unattached, so the blocks every
+        directory (with all its entries, an htree, an extent tree) and every
+        other non-file inode may need are taken first and given back after
+        the files.
+        """
+        bs = self.bs
+        csum = self.seed is not None
+        need = 0
+        for node in self.plan.nodes:
+            if not node.ino:
+                continue
+            if len(node.xattrs) > 1:
+                need += 1
+            if node.kind is Kind.DIR:
+                entries = [(0, b".", 0), (0, b"..", 0)] + [(0, n, 0) for n, _ in node.children]
+                leaves = len(pack_leaf_blocks(entries, bs, csum))
+                if leaves > 1:
+                    leaves += 1 + _ceil(leaves, dx_limit(bs, DX_NODE_COUNT_OFFSET, csum))
+                need += leaves + (0 if leaves <= 4 else 4)
+            elif node.kind is Kind.SYMLINK and len(node.body) >= I_BLOCK_SIZE:
+                need += 1
+        self._allocated = []
+        try:
+            self._alloc(need)
+        except Ext2Error:
+            for blk, n in self._allocated:
+                self.fs.free_range(blk, n)
+            raise TargetError(
+                f"{self.target}: no room for the directories ({need} blocks); give a larger --size"
+            ) from None
+        return self._allocated
 
     def _write_files(self) -> None:
         """Regular files, in a second read of the backup.
