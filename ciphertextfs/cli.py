@@ -16,7 +16,9 @@ from ciphertextfs import __version__
 from ciphertextfs.commands import PROG, CommandError
 from ciphertextfs.commands.mount import helper_argv
 
-COMMANDS = ("mount", "decrypt", "inspect", "demo")
+COMMANDS = ("mount", "decrypt", "restore_image", "inspect", "demo")
+#: What each command is called on the command line: its module name, with "-" for "_".
+COMMAND_NAMES = tuple(name.replace("_", "-") for name in COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(helper_argv(sys.argv[1:] if argv is None else argv, COMMANDS))
+    args = parser.parse_args(helper_argv(sys.argv[1:] if argv is None else argv, COMMAND_NAMES))
     try:
         return int(args.run(args) or 0)
     except CommandError as e:

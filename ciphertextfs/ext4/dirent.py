@@ -186,3 +186,134 @@ def dx_root_hash_version(block: bytes) -> int:
     if len(block) <= DX_ROOT_INFO_OFFSET + 4:
         raise CorruptError("dx_root too short")
     return block[DX_ROOT_INFO_OFFSET + 4]
+
+
+# -- encoding (the image writer) ----------------------------------------------
+
+DX_ROOT_INFO = struct.Struct("<IBBBB")  # reserved_zero, hash_version, info_length, levels, flags
+
+
+def encode_entry(inode: int, name: bytes, file_type: int, rec_len: int) -> bytes:
+    """One ext4_dir_entry_2 padded to `rec_len` (which the caller sized with dir_rec_len)."""
+    if not 0 < len(name) <= EXT4_NAME_LEN:
+        raise ValueError("directory entry name length out of range")
+    head = _DIRENT.pack(inode, rec_len, len(name), file_type) + name
+    return head.ljust(rec_len, b"\0")
+
+
+def leaf_tail(block_without_tail: bytes, seed: int) -> bytes:
+    """The ext4_dir_entry_tail closing a leaf block under metadata_csum."""
+    return _TAIL.pack(0, DIR_TAIL_SIZE, 0, EXT4_DIR_FT_DIR_CSUM, crc32c(seed, block_without_tail))
+
+
+def pack_leaf_blocks(
+    entries: list[tuple[int, bytes, int]], block_size: int, tail: bool
+) -> list[list[tuple[int, bytes, int, int]]]:
+    """Split (inode, name, file_type) entries into leaf blocks, in order.
+
+    Returns, per block, (inode, name, file_type, rec_len) with the last
+    entry's rec_len stretched to the end of the usable area, as ext4 does.
+    """
+    usable = block_size - (DIR_TAIL_SIZE if tail else 0)
+    blocks: list[list[tuple[int, bytes, int, int]]] = []
+    cur: list[tuple[int, bytes, int, int]] = []
+    used = 0
+    for ino, name, ft in entries:
+        need = dir_rec_len(len(name), False)
+        if cur and used + need > usable:
+            blocks.append(cur)
+            cur, used = [], 0
+        cur.append((ino, name, ft, need))
+        used += need
+    if cur or not blocks:
+        blocks.append(cur)
+    out = []
+    for blk in blocks:
+        if blk:
+            ino, name, ft, _ = blk[-1]
+            blk[-1] = (ino, name, ft, usable - sum(r for *_, r in blk[:-1]))
+        out.append(blk)
+    return out
+
+
+def encode_leaf_block(
+    entries: list[tuple[int, bytes, int, int]], block_size: int, seed: int | None
+) -> bytes:
+    """A leaf block from pack_leaf_blocks' output; with a seed, a checksum tail."""
+    usable = block_size - (DIR_TAIL_SIZE if seed is not None else 0)
+    if entries:
+        body = b"".join(encode_entry(i, n, f, r) for i, n, f, r in entries)
+    else:
+        body = _DIRENT.pack(0, usable, 0, 0).ljust(usable, b"\0")
+    if len(body) != usable:
+        raise ValueError("directory entries do not fill the block")
+    if seed is None:
+        return body
+    return body + leaf_tail(body, seed)
+
+
+def encode_dots(ino: int, parent: int, dotdot_rec_len: int) -> bytes:
+    """The "." and ".." entries that start a directory's first block."""
+    return encode_entry(ino, b".", EXT4_FT_DIR, 12) + encode_entry(
+        parent, b"..", EXT4_FT_DIR, dotdot_rec_len
+    )
+
+
+def dx_tail(block: bytes, count_offset: int, seed: int) -> bytes:
+    """The dx_tail (dt_reserved, dt_checksum) of an htree root or node."""
+    limit, count = _COUNTLIMIT.unpack_from(block, count_offset)
+    tail = count_offset + 8 * limit
+    crc = crc32c(seed, block[: count_offset + 8 * count])
+    crc = crc32c(crc, block[tail : tail + 4])
+    crc = crc32c(crc, b"\0\0\0\0")
+    return struct.pack("<II", 0, crc)
+
+
+def encode_dx_entries(limit: int, entries: list[tuple[int, int]]) -> bytes:
+    """dx_countlimit then dx_entry (hash, block) pairs; the first hash is implied 0."""
+    if not entries or len(entries) > limit:
+        raise ValueError("dx entry count out of range")
+    out = [_COUNTLIMIT.pack(limit, len(entries)), struct.pack("<I", entries[0][1])]
+    out += [struct.pack("<II", h, b) for h, b in entries[1:]]
+    return b"".join(out)
+
+
+def dx_limit(block_size: int, count_offset: int, csum: bool) -> int:
+    """dx_countlimit.limit of a root (count_offset 0x20) or node (0x8)."""
+    return (block_size - count_offset - (DX_TAIL_SIZE if csum else 0)) // 8
+
+
+def encode_dx_root(
+    ino: int,
+    parent: int,
+    hash_version: int,
+    indirect_levels: int,
+    entries: list[tuple[int, int]],
+    block_size: int,
+    seed: int | None,
+) -> bytes:
+    """Block 0 of an indexed directory: "." and "..", dx_root_info, the dx entries."""
+    limit = dx_limit(block_size, DX_ROOT_COUNT_OFFSET, seed is not None)
+    buf = bytearray(block_size)
+    buf[:DX_ROOT_INFO_OFFSET] = encode_dots(ino, parent, block_size - 12)[:DX_ROOT_INFO_OFFSET]
+    DX_ROOT_INFO.pack_into(buf, DX_ROOT_INFO_OFFSET, 0, hash_version, 8, indirect_levels, 0)
+    body = encode_dx_entries(limit, entries)
+    buf[DX_ROOT_COUNT_OFFSET : DX_ROOT_COUNT_OFFSET + len(body)] = body
+    if seed is not None:
+        tail = DX_ROOT_COUNT_OFFSET + 8 * limit
+        buf[tail : tail + DX_TAIL_SIZE] = dx_tail(bytes(buf), DX_ROOT_COUNT_OFFSET, seed)
+    return bytes(buf)
+
+
+def encode_dx_node(entries: list[tuple[int, int]], block_size: int, seed: int | None) -> bytes:
+    """An interior htree block: one empty fake entry over the block, then dx entries."""
+    limit = dx_limit(block_size, DX_NODE_COUNT_OFFSET, seed is not None)
+    buf = bytearray(block_size)
+    raw_len = block_size if block_size < 65536 else 65535
+    _DIRENT.pack_into(buf, 0, 0, raw_len, 0, 0)
+    body = encode_dx_entries(limit, entries)
+    buf[DX_NODE_COUNT_OFFSET : DX_NODE_COUNT_OFFSET + len(body)] = body
+    if seed is not None:
+        tail = DX_NODE_COUNT_OFFSET + 8 * limit
+        buf[tail : tail + DX_TAIL_SIZE] = dx_tail(bytes(buf), DX_NODE_COUNT_OFFSET, seed)
+    return bytes(buf)

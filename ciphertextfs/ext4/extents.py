@@ -222,3 +222,38 @@ def blockmap_mappings(
     if run[2]:
         out.append(Mapping(run[0], run[1], run[2], False))
     return out
+
+
+# -- encoding (the image writer) ----------------------------------------------
+
+EXT4_EXT_MAGIC = 0xF30A
+EXT_TAIL_SIZE = 4
+
+
+def extents_per_block(block_size: int) -> int:
+    """eh_max of a tree block, as the kernel's ext4_ext_space_block."""
+    return (block_size - _HDR.size) // _ENTRY.size
+
+
+def encode_header(entries: int, eh_max: int, depth: int) -> bytes:
+    return _HDR.pack(EXT4_EXT_MAGIC, entries, eh_max, depth, 0)
+
+
+def encode_leaf(entries: list[Mapping]) -> bytes:
+    """Leaf entries (no header); each mapping at most EXT_INIT_MAX_LEN, initialized."""
+    out = []
+    for m in entries:
+        if not 0 < m.len <= EXT_INIT_MAX_LEN or m.unwritten:
+            raise ValueError("extent length out of range")
+        out.append(_ENTRY.pack(m.lblk, m.len, m.pblk >> 32, m.pblk & 0xFFFFFFFF))
+    return b"".join(out)
+
+
+def encode_index(lblk: int, leaf: int) -> bytes:
+    return _INDEX.pack(lblk, leaf & 0xFFFFFFFF, leaf >> 32, 0)
+
+
+def extent_block_tail(node: bytes, seed: int) -> bytes:
+    """The ext4_extent_tail of a tree block: crc32c over header and eh_max entries."""
+    (_magic, _entries, eh_max, _depth, _gen) = _HDR.unpack_from(node, 0)
+    return struct.pack("<I", crc32c(seed, node[: _HDR.size + eh_max * _ENTRY.size]))

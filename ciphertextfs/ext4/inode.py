@@ -248,3 +248,112 @@ def inode_checksum_ok(inode: Inode, fs_seed: int) -> bool:
     if not has_hi:
         crc &= 0xFFFF
     return crc == stored
+
+
+# -- encoding (the image writer) ----------------------------------------------
+
+EXT4_EXTRA_ISIZE = 32
+"""i_extra_isize the writer gives every inode: up to i_projid, as mke2fs does."""
+
+
+EXT4_TIME_MIN = -(1 << 31)
+EXT4_TIME_MAX = (1 << 31) - 1 + (3 << 32)
+"""Seconds ext4 can store with the two epoch bits (1901 to 2446); others are clamped."""
+
+
+def _time_fields(ns: int) -> tuple[int, int]:
+    """(seconds low 32 bits, extra: epoch bits and nanoseconds) of a time."""
+    sec, nsec = divmod(ns, 1_000_000_000)
+    if not EXT4_TIME_MIN <= sec <= EXT4_TIME_MAX:
+        sec, nsec = min(max(sec, EXT4_TIME_MIN), EXT4_TIME_MAX), 0
+    lo = sec & 0xFFFFFFFF
+    signed_lo = lo - (1 << 32) if lo & 0x80000000 else lo
+    epoch = ((sec - signed_lo) >> 32) & EXT4_EPOCH_MASK
+    return lo, epoch | (nsec << EXT4_NSEC_SHIFT)
+
+
+def encode_rdev(major: int, minor: int) -> bytes:
+    """i_block of a device node, the inverse of _decode_rdev."""
+    if major < 256 and minor < 256:
+        return struct.pack("<II", (major << 8) | minor, 0).ljust(I_BLOCK_SIZE, b"\0")
+    new = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
+    return struct.pack("<II", 0, new & 0xFFFFFFFF).ljust(I_BLOCK_SIZE, b"\0")
+
+
+def encode_inode(
+    inode_size: int,
+    *,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    links: int,
+    flags: int,
+    atime_ns: int,
+    mtime_ns: int,
+    ctime_ns: int,
+    crtime_ns: int,
+    i_block: bytes,
+    i_blocks: int,
+    file_acl: int = 0,
+    generation: int = 0,
+    ibody_xattrs: bytes = b"",
+) -> bytes:
+    """An inode of `inode_size` bytes, checksum fields zero (the caller sets them).
+
+    `i_blocks` is in 512-byte units (no huge_file scaling: the caller keeps
+    it below 2**48); `ibody_xattrs` is the in-inode xattr area after
+    i_extra_isize (see xattr.encode_ibody).
+    """
+    if len(i_block) != I_BLOCK_SIZE:
+        raise ValueError("i_block is 60 bytes")
+    atime, atime_x = _time_fields(atime_ns)
+    mtime, mtime_x = _time_fields(mtime_ns)
+    ctime, ctime_x = _time_fields(ctime_ns)
+    crtime, crtime_x = _time_fields(crtime_ns)
+    buf = bytearray(inode_size)
+    _BASE.pack_into(
+        buf,
+        0,
+        mode,
+        uid & 0xFFFF,
+        size & 0xFFFFFFFF,
+        atime,
+        ctime,
+        mtime,
+        0,
+        gid & 0xFFFF,
+        links,
+        i_blocks & 0xFFFFFFFF,
+        flags,
+        i_block,
+        generation,
+        file_acl & 0xFFFFFFFF,
+        size >> 32,
+        0,
+    )
+    _OSD2.pack_into(
+        buf, 0x74, (i_blocks >> 32) & 0xFFFF, file_acl >> 32, uid >> 16, gid >> 16, 0, 0
+    )
+    if inode_size > EXT4_GOOD_OLD_INODE_SIZE:
+        struct.pack_into("<H", buf, _OFF_EXTRA_ISIZE, EXT4_EXTRA_ISIZE)
+        for off, value in (
+            (_OFF_CTIME_EXTRA, ctime_x),
+            (_OFF_MTIME_EXTRA, mtime_x),
+            (_OFF_ATIME_EXTRA, atime_x),
+            (_OFF_CRTIME, crtime),
+            (_OFF_CRTIME_EXTRA, crtime_x),
+        ):
+            struct.pack_into("<I", buf, off, value)
+        start = EXT4_GOOD_OLD_INODE_SIZE + EXT4_EXTRA_ISIZE
+        if len(ibody_xattrs) > inode_size - start:
+            raise ValueError("in-inode xattrs do not fit")
+        buf[start : start + len(ibody_xattrs)] = ibody_xattrs
+    elif ibody_xattrs:
+        raise ValueError("128-byte inodes hold no xattrs")
+    return bytes(buf)
+
+
+def ibody_xattr_space(inode_size: int) -> int:
+    """Bytes the writer's inodes leave for in-inode xattrs (magic included)."""
+    return max(inode_size - EXT4_GOOD_OLD_INODE_SIZE - EXT4_EXTRA_ISIZE, 0)

@@ -133,3 +133,92 @@ def find_system_data(entries: list[RawEntry]) -> bytes | None:
         if e.name_index == EXT4_XATTR_INDEX_SYSTEM and e.name == b"data" and not e.value_inum:
             return e.value
     return None
+
+
+# -- encoding (the image writer) ----------------------------------------------
+
+NAME_HASH_SHIFT = 5
+VALUE_HASH_SHIFT = 16
+BLOCK_HASH_SHIFT = 16
+
+
+def entry_hash(name: bytes, value: bytes) -> int:
+    """ext4_xattr_hash_entry (unsigned char names, as kernels since 6.2 and e2fsck accept)."""
+    h = 0
+    for c in name:
+        h = ((h << NAME_HASH_SHIFT) & 0xFFFFFFFF) ^ (h >> (32 - NAME_HASH_SHIFT)) ^ c
+    padded = value + b"\0" * (-len(value) % 4)
+    for (w,) in struct.iter_unpack("<I", padded):
+        h = ((h << VALUE_HASH_SHIFT) & 0xFFFFFFFF) ^ (h >> (32 - VALUE_HASH_SHIFT)) ^ w
+    return h
+
+
+def _entry_size(name: bytes) -> int:
+    return (ENTRY_HEADER + len(name) + 3) & ~3
+
+
+def _value_size(value: bytes) -> int:
+    return (len(value) + 3) & ~3
+
+
+def area_size(xattrs: list[Xattr]) -> int:
+    """Bytes the entries and values take (without magic/header and the end marker)."""
+    return sum(_entry_size(x.name) + _value_size(x.value) for x in xattrs)
+
+
+def sort_key(x: Xattr) -> tuple[int, int, bytes]:
+    """The order the kernel's lookup in an EA block relies on."""
+    return (x.name_index, len(x.name), x.name)
+
+
+def _encode_area(
+    xattrs: list[Xattr], size: int, first: int, value_base: int, hashed: bool
+) -> bytearray:
+    """Entries from `first`, values packed down from the end of a `size`-byte area."""
+    buf = bytearray(size)
+    off = first
+    vend = size
+    for x in xattrs:
+        vsize = _value_size(x.value)
+        vend -= vsize
+        h = entry_hash(x.name, x.value) if hashed else 0
+        voff = vend - value_base if x.value else 0
+        _ENTRY.pack_into(buf, off, len(x.name), x.name_index, voff, 0, len(x.value), h)
+        buf[off + ENTRY_HEADER : off + ENTRY_HEADER + len(x.name)] = x.name
+        buf[vend : vend + len(x.value)] = x.value
+        off += _entry_size(x.name)
+    if off + 4 > vend:
+        raise ValueError("xattrs do not fit")
+    return buf
+
+
+def encode_ibody(xattrs: list[Xattr], space: int) -> bytes:
+    """The in-inode xattr area (magic, entries, values) of `space` bytes."""
+    if not xattrs:
+        return b""
+    if 4 + area_size(xattrs) + 4 > space:
+        raise ValueError("xattrs do not fit in the inode")
+    area = _encode_area(xattrs, space - 4, 0, 0, False)
+    return struct.pack("<I", EXT4_XATTR_MAGIC) + bytes(area)
+
+
+def encode_block(xattrs: list[Xattr], block_size: int, blocknr: int, seed: int | None) -> bytes:
+    """An EA block (refcount 1) holding `xattrs` sorted, with hashes and checksum."""
+    xs = sorted(xattrs, key=sort_key)
+    if XATTR_HEADER_SIZE + area_size(xs) + 4 > block_size:
+        raise ValueError("xattrs do not fit in one block")
+    buf = _encode_area(xs, block_size, XATTR_HEADER_SIZE, 0, True)
+    bh = 0
+    off = XATTR_HEADER_SIZE
+    for x in xs:
+        eh = struct.unpack_from("<I", buf, off + 12)[0]
+        bh = ((bh << BLOCK_HASH_SHIFT) & 0xFFFFFFFF) ^ (bh >> (32 - BLOCK_HASH_SHIFT)) ^ eh
+        off += _entry_size(x.name)
+    struct.pack_into("<IIII", buf, 0, EXT4_XATTR_MAGIC, 1, 1, bh)
+    if seed is not None:
+        crc = crc32c(seed, struct.pack("<Q", blocknr))
+        crc = crc32c(crc, bytes(buf[:16]))
+        crc = crc32c(crc, b"\0\0\0\0")
+        crc = crc32c(crc, bytes(buf[20:]))
+        struct.pack_into("<I", buf, 16, crc)
+    return bytes(buf)

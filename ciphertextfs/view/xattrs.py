@@ -95,6 +95,23 @@ def acl_read_only(posix_acl: bytes) -> bytes:
     return bytes(out)
 
 
+def posix_acl_to_ext4(value: bytes) -> bytes:
+    """The inverse of ext4_acl_to_posix, for the image writer: ids only where a tag has one."""
+    if len(value) < 4 or (len(value) - 4) % 8 or len(value) > 4 + 8 * _ACL_MAX_ENTRIES:
+        raise CorruptError("ACL: not a system.posix_acl_* value")
+    if struct.unpack_from("<I", value)[0] != POSIX_ACL_XATTR_VERSION:
+        raise CorruptError("ACL: bad posix_acl_xattr_header version")
+    out = [struct.pack("<I", EXT4_ACL_VERSION)]
+    for tag, perm, e_id in struct.iter_unpack("<HHI", value[4:]):
+        if tag in _ACL_SHORT_TAGS:
+            out.append(struct.pack("<HH", tag, perm))
+        elif tag in _ACL_FULL_TAGS:
+            out.append(struct.pack("<HHI", tag, perm, e_id))
+        else:
+            raise CorruptError(f"ACL: unknown tag {tag:#x}")
+    return b"".join(out)
+
+
 def passthrough_xattrs(xattrs: list[Xattr], ino: int) -> dict[bytes, bytes]:
     """Map the inode's on-disk xattrs to the names the view shows.
 

@@ -1,0 +1,324 @@
+"""Keyless restore: kernel-encrypted ext4 -> view -> tar / rsync -> restore-image.
+
+The kernel writes the original trees under every policy shape; the backup
+is made with real tar and rsync from the FUSE view; `restore-image` writes
+a new image without any key.  The oracles: e2fsck -fn on the new image, the
+kernel's locked listing of the original (no-key names), and the plaintext
+the kernel shows on the original with the keys present, which the new
+image must show once the same master keys are added.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ciphertextfs.fscrypt.errors import FscryptError
+from ciphertextfs.fscrypt.nokey import parse_nokey_name
+from tests import harness, trees
+from tests.harness_restore import SIDE, walk
+from tests.harness_view import CLI, view_mount
+
+POLICIES = tuple(p.name for p in trees.POLICIES)
+POLICIES_1K = ("v1", "v2", "v2-ino32")
+FULL = ("v2",)
+
+
+def encdir(name: str) -> str:
+    return f"enc-{name}"
+
+
+def run(*argv: str | os.PathLike[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [os.fspath(a) for a in argv], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def locked_names(root: Path) -> dict[str, list[str]]:
+    """Every directory's entry names as the kernel lists them, keys absent."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        out[rel] = sorted([*dirnames, *filenames])
+    return out
+
+
+def ciphertext_part(name: str) -> bytes:
+    """A no-key name without its dirhash (which depends on s_hash_seed)."""
+    try:
+        nk = parse_nokey_name(name.encode())
+    except FscryptError:
+        return name.encode()
+    return nk.prefix + (nk.sha256 or b"")
+
+
+def without_hashes(listing: dict[str, list[str]]) -> dict[tuple, list]:
+    """A locked listing with every no-key name's dirhash left out."""
+    return {
+        tuple(map(ciphertext_part, d.split("/"))): sorted(map(ciphertext_part, names))
+        for d, names in listing.items()
+    }
+
+
+@dataclass
+class World:
+    base: Path
+    image: Path
+    plain: dict
+    locked: dict[str, list[str]]
+    hash_seed: str
+    archive: Path
+    rsynced: Path
+
+
+@pytest.fixture(scope="module", params=[4096, 1024], ids=["4k", "1k"])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> World:
+    """The original image: 4 KiB blocks (every policy), 1 KiB blocks (two-level htree)."""
+    harness.require_fuse()
+    block = request.param
+    base = tmp_path_factory.mktemp(f"rimage{block}")
+    image = harness.mkfs(
+        base / "src.img", size_mb=96, block_size=block, features=("encrypt", "stable_inodes")
+    )
+    with harness.mounted(image, base / "src.mnt") as (_dev, mnt):
+        with trees.keys_added(mnt) as keys:
+            (mnt / "plain").mkdir()
+            trees.write_tree(mnt / "plain", block, small=True)
+            for name in POLICIES if block == 4096 else POLICIES_1K:
+                d = mnt / encdir(name)
+                d.mkdir()
+                trees.POLICY[name].apply(d, keys)
+                trees.write_tree(d, block, small=name not in FULL)
+            os.sync()
+            plain = walk(mnt)
+            trees.lock(mnt, keys)
+        locked = locked_names(mnt)
+    seed = harness.dumpe2fs_header(image)["Directory Hash Seed"]
+    archive, rsynced = base / "view.tar", base / "rsynced"
+    with view_mount(image, base / "view") as v:
+        xa = ("--xattrs", "--xattrs-include=*", "--acls")
+        r = run("tar", *xa, "-cf", archive, "-C", v.mountpoint, ".")
+        assert r.returncode == 0, r.stderr
+        r = run("rsync", "-aHAX", f"{v.mountpoint}/", rsynced)
+        assert r.returncode == 0, r.stderr
+    return World(base, image, plain, locked, seed, archive, rsynced)
+
+
+def restore_image(source: Path, target: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run(*CLI, "restore-image", *extra, source, target)
+
+
+def e2fsck(image: Path) -> subprocess.CompletedProcess:
+    return run("e2fsck", "-fn", image)
+
+
+@pytest.fixture(scope="module")
+def from_tar(world: World) -> Path:
+    out = world.base / "from-tar.img"
+    r = restore_image(world.archive, out, "-q", "-E", f"hash_seed={world.hash_seed}")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    return out
+
+
+@pytest.fixture(scope="module")
+def from_rsync(world: World) -> Path:
+    out = world.base / "from-rsync.img"
+    r = restore_image(world.rsynced, out)
+    assert r.returncode == 0, r.stderr
+    assert "0 entries not restored" in r.stderr
+    return out
+
+
+def check_image(world: World, image: Path, *, same_seed: bool) -> None:
+    r = e2fsck(image)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with harness.mounted(image, image.with_suffix(".mnt")) as (_dev, mnt):
+        got = locked_names(mnt)
+        if same_seed:
+            assert got == world.locked
+        else:
+            assert without_hashes(got) == without_hashes(world.locked)
+        with trees.keys_added(mnt) as keys:
+            restored = walk(mnt)
+            trees.lock(mnt, keys)
+    assert restored.keys() == world.plain.keys()
+    for rel, node in world.plain.items():
+        assert restored[rel] == node, rel
+
+
+def test_tar_backup_round_trip(world: World, from_tar: Path) -> None:
+    check_image(world, from_tar, same_seed=True)
+
+
+def test_rsync_backup_round_trip(world: World, from_rsync: Path) -> None:
+    check_image(world, from_rsync, same_seed=False)
+
+
+def test_policies_keep_inode_numbers_and_uuid(world: World, from_rsync: Path) -> None:
+    header = harness.dumpe2fs_header(from_rsync)
+    assert header["Filesystem UUID"] == harness.dumpe2fs_header(world.image)["Filesystem UUID"]
+    assert "stable_inodes" in header["Filesystem features"]
+    assert "encrypt" in header["Filesystem features"]
+
+
+def test_damaged_backups_are_reported_and_the_image_is_clean(world: World) -> None:
+    damaged = world.base / "damaged"
+    r = run("cp", "-a", world.rsynced, damaged)
+    assert r.returncode == 0, r.stderr
+    # A missing side file costs the long names of that directory.
+    names = (
+        damaged
+        / encdir("v2")
+        / [
+            d
+            for d in os.listdir(world.rsynced / encdir("v2"))
+            if (world.rsynced / encdir("v2") / d / SIDE).exists()
+            and len(os.listdir(world.rsynced / encdir("v2") / d)) > 20
+        ][0]
+    )
+    (names / SIDE).unlink()
+    # A tampered context costs that file.
+    victim = next(
+        p
+        for p in sorted((damaged / encdir("v1")).rglob("*"))
+        if stat.S_ISREG(p.lstat().st_mode) and p.name != SIDE
+    )
+    os.setxattr(victim, "user.fscrypt.context", b"\x01\x01")
+    out = world.base / "damaged.img"
+    r = restore_image(damaged, out, "-E", f"hash_seed={world.hash_seed}")
+    assert r.returncode == 1, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "not restored:" in ln]
+    assert any("long name missing" in ln and names.name in ln for ln in lines), r.stderr
+    assert any(victim.name in ln and "context" in ln for ln in lines), r.stderr
+    assert e2fsck(out).returncode == 0, e2fsck(out).stdout
+    with harness.mounted(out, world.base / "damaged.mnt") as (_dev, mnt):
+        got = locked_names(mnt)
+    rel_victim = os.path.relpath(victim, damaged)
+    assert os.path.basename(rel_victim) not in got[os.path.dirname(rel_victim)]
+    want = world.locked[os.path.relpath(names, damaged)]
+    short = [n for n in want if parse_nokey_name(n.encode()).sha256 is None]
+    assert short == got[os.path.relpath(names, damaged)]
+    assert len(want) > len(got[os.path.relpath(names, damaged)])
+
+
+def test_truncated_archive_is_reported_and_the_image_is_clean(world: World) -> None:
+    cut = world.base / "cut.tar"
+    data = world.archive.read_bytes()
+    with tarfile.open(world.archive) as tar:
+        biggest = max(tar.getmembers(), key=lambda m: m.size)
+    cut.write_bytes(data[: biggest.offset_data + biggest.size // 2])
+    out = world.base / "cut.img"
+    r = restore_image(cut, out)
+    assert r.returncode == 1, r.stderr
+    assert "not restored:" in r.stderr
+    assert e2fsck(out).returncode == 0, e2fsck(out).stdout
+
+
+def test_target_is_never_overwritten_without_force(world: World, tmp_path: Path) -> None:
+    target = tmp_path / "exists.img"
+    target.write_bytes(b"precious")
+    r = restore_image(world.rsynced, target)
+    assert r.returncode == 2
+    assert "--force" in r.stderr
+    assert target.read_bytes() == b"precious"
+
+
+def test_a_loop_mounted_image_is_refused_even_with_force(world: World, tmp_path: Path) -> None:
+    image = harness.mkfs(tmp_path / "busy.img", size_mb=8)
+    with harness.mounted(image, tmp_path / "busy.mnt") as (dev, _mnt):
+        r = restore_image(world.rsynced, Path(image), "--force")
+        assert r.returncode == 2
+        assert "in use" in r.stderr
+        r = restore_image(world.rsynced, Path(dev), "--force")
+        assert r.returncode == 2
+        assert "mounted" in r.stderr or "in use" in r.stderr
+
+
+def test_fscrypt_tool_unlocks_after_the_round_trip(tmp_path: Path) -> None:
+    """google/fscrypt's passphrase protector and its .fscrypt metadata come back."""
+    harness.require_fuse()
+    env = dict(os.environ, FSCRYPT_CONF=os.fspath(tmp_path / "fscrypt.conf"))
+
+    def fscrypt(*args: str | os.PathLike[str], root: Path, stdin: str = "") -> None:
+        r = subprocess.run(
+            ["fscrypt", *map(os.fspath, args)],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=env | {"FSCRYPT_ROOT_MNT": os.fspath(root)},
+            timeout=120,
+        )
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+
+    image = harness.mkfs(tmp_path / "src.img", size_mb=32, features=("encrypt",))
+    with harness.mounted(image, tmp_path / "src.mnt") as (_dev, mnt):
+        fscrypt("setup", "--time=1ms", "--quiet", "--force", root=mnt)
+        secret = mnt / "secret"
+        secret.mkdir()
+        fscrypt(
+            "encrypt",
+            "--source=custom_passphrase",
+            "--name=admin-test",
+            "--quiet",
+            secret,
+            root=mnt,
+            stdin="correct horse\n",
+        )
+        (secret / "diary").write_bytes(b"dear diary\n" * 1000)
+        (secret / "sub").mkdir()
+        os.symlink("../diary", secret / "sub" / "link")
+        fscrypt("lock", secret, root=mnt)
+        assert "diary" not in os.listdir(secret)
+    archive = tmp_path / "view.tar"
+    with view_mount(image, tmp_path / "view") as v:
+        r = run("tar", "--xattrs", "--xattrs-include=*", "-cf", archive, "-C", v.mountpoint, ".")
+        assert r.returncode == 0, r.stderr
+    out = tmp_path / "new.img"
+    r = restore_image(archive, out, "-q")
+    assert r.returncode == 0, r.stderr
+    assert e2fsck(out).returncode == 0
+    with harness.mounted(out, tmp_path / "new.mnt") as (_dev, mnt):
+        secret = mnt / "secret"
+        assert "diary" not in os.listdir(secret)
+        fscrypt("unlock", "--quiet", secret, root=mnt, stdin="correct horse\n")
+        try:
+            assert (secret / "diary").read_bytes() == b"dear diary\n" * 1000
+            assert os.readlink(secret / "sub" / "link") == "../diary"
+        finally:
+            fscrypt("lock", secret, root=mnt)
+
+
+def test_force_overwrites_an_image_with_options_passed_to_mke2fs(world: World) -> None:
+    """An old filesystem is replaced; -O reaches mke2fs and the writer follows it."""
+    target = harness.mkfs(world.base / "old.img", size_mb=300, features=("^metadata_csum",))
+    r = restore_image(world.rsynced, target, "--force", "-q", "-O", "^metadata_csum,^dir_index")
+    assert r.returncode == 0, r.stderr
+    features = harness.dumpe2fs_header(target)["Filesystem features"].split()
+    assert "metadata_csum" not in features and "dir_index" not in features
+    assert os.path.getsize(target) == 300 << 20
+    check_image(world, target, same_seed=False)
+
+
+def test_a_target_too_small_costs_files_never_the_directories(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d1" / "d2").mkdir(parents=True)
+    for i in range(2):
+        (src / "d1" / f"f{i}").write_bytes(os.urandom(1 << 20))
+    names = [f"small-file-with-a-long-name-{i}" for i in range(2000)]
+    for n in names:
+        (src / "d1" / "d2" / n).write_bytes(os.urandom(4096))
+    out = tmp_path / "small.img"
+    r = restore_image(src, out, "--size", "6M", "-O", "^has_journal")
+    assert r.returncode == 1, r.stderr
+    lost = {ln.split(": ")[2] for ln in r.stderr.splitlines() if "not restored:" in ln}
+    assert lost and not lost & {"d1", "d1/d2"}, r.stderr
+    assert e2fsck(out).returncode == 0, e2fsck(out).stdout
+    listing = set(run("debugfs", "-R", "ls /d1/d2", out).stdout.split())
+    assert {f"d1/d2/{n}" for n in names if n not in listing} == lost - {"d1/f0", "d1/f1"}
