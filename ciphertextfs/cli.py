@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ciphertextfs import __version__
 from ciphertextfs.commands import PROG, CommandError
 
-COMMANDS = ("mount", "decrypt", "inspect", "demo")
+COMMANDS = ("mount", "decrypt", "keys", "inspect", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,10 @@ class Report:
     bytes_done: int = 0
     problems: list[tuple[Path_, str]] = field(default_factory=list)
     missing_keys: dict[str, _MissingKey] = field(default_factory=dict)
+    missing_hint: str = (
+        "run 'ciphertextfs keys SOURCE' to see which fscrypt passphrase, login or "
+        "protector key opens each missing key"
+    )
     _start: float = field(default_factory=time.monotonic)
     _last_draw: float = 0.0
     _drawn: bool = False
@@ -110,6 +114,8 @@ class Report:
                 f"{PROG}: missing key: {label}: {n} entr{'y' if n == 1 else 'ies'} "
                 f"not restored (e.g. {show_path(m.example)})"
             )
+        if self.missing_keys and self.missing_hint:
+            self.note(self.missing_hint)
         for text in unused_keys:
             self.note(text)
         self._clear()
