@@ -509,3 +509,47 @@ def test_passphrase_changed_after_the_backup(world: World, tmp_path: Path) -> No
     assert re.search(
         rf'opened with custom protector "mypass" \({re.escape(str(world.data))}', proc.stderr
     ), proc.stderr
+
+
+def test_view_metadata_entry_rules(ext4, tmp_path: Path) -> None:
+    """Shown below the root only, with the originals' modes and owners; a real entry of
+    its name makes the mount fail (or, with --no-fscrypt-metadata, passes and is restored)."""
+    with ext4(name="m", size_mb=16) as (_image, _dev, mnt):
+        meta = mnt / ".fscrypt"
+        (meta / "policies").mkdir(parents=True)
+        (meta / "protectors").mkdir()
+        pol = meta / "policies" / ("ab" * 16)
+        pol.write_bytes(b"policy bytes")
+        os.chmod(pol, 0o600)
+        os.chown(pol, 1234, 5678)
+        (mnt / "d").mkdir()
+        (mnt / "d" / "f").write_bytes(b"f")
+        (mnt / "c" / ".ciphertextfs-fscrypt").mkdir(parents=True)
+        (mnt / "c" / ".ciphertextfs-fscrypt" / "mine").write_bytes(b"user data")
+        os.sync()
+        with view(mnt / "d", tmp_path / "v1"):
+            v = tmp_path / "v1"
+            assert sorted(os.listdir(v)) == [".ciphertextfs-fscrypt", "f"]
+            shown = v / ".ciphertextfs-fscrypt" / "policies" / ("ab" * 16)
+            st = os.lstat(shown)
+            assert (st.st_mode, st.st_uid, st.st_gid) == (0o100600, 1234, 5678)
+            assert shown.read_bytes() == b"policy bytes"
+            assert os.getxattr(v / ".ciphertextfs-fscrypt", "user.ciphertextfs.fscrypt_metadata")
+            assert sorted(os.listdir(v / ".ciphertextfs-fscrypt")) == ["policies", "protectors"]
+        with view(mnt, tmp_path / "v2"):
+            assert ".ciphertextfs-fscrypt" not in os.listdir(tmp_path / "v2")
+        (tmp_path / "v3").mkdir()
+        proc = run_cli("mount", mnt / "c", tmp_path / "v3")
+        assert (
+            proc.returncode == 1 and "holds a real entry named .ciphertextfs-fscrypt" in proc.stderr
+        )
+        assert not daemon_pids(tmp_path / "v3")
+        with view(mnt / "c", tmp_path / "v4", "--no-fscrypt-metadata") as err:
+            assert "--no-fscrypt-metadata is given" in err
+            harness.run("rsync", "-aHAX", f"{tmp_path / 'v4'}/", f"{tmp_path / 'copy'}/")
+    pw = tmp_path / "pw"
+    pw.write_bytes(b"x\n")
+    dest = tmp_path / "out"
+    proc = run_cli("decrypt", "--passphrase-file", pw, tmp_path / "copy", dest)
+    assert proc.returncode == 0, proc.stderr
+    assert (dest / ".ciphertextfs-fscrypt" / "mine").read_bytes() == b"user data"
