@@ -553,3 +553,17 @@ def test_view_metadata_entry_rules(ext4, tmp_path: Path) -> None:
     proc = run_cli("decrypt", "--passphrase-file", pw, tmp_path / "copy", dest)
     assert proc.returncode == 0, proc.stderr
     assert (dest / ".ciphertextfs-fscrypt" / "mine").read_bytes() == b"user data"
+
+
+def test_metadata_read_as_the_entries_pass(world: World) -> None:
+    """What a tar stream gets: the metadata entry comes first and is read in passing."""
+    from ciphertextfs.restore.backup import open_backup
+    from ciphertextfs.restore.fscrypt_metadata import Metadata, WithoutMetadataEntry
+
+    meta = Metadata()
+    backup = WithoutMetadataEntry(open_backup(world.backups["sub.tar"]), meta=meta)
+    paths = [e.path for e in backup.entries()]
+    assert set(meta.policies) == {spec for _v, spec in world.keys.values()}
+    assert not [p for p in paths if p[:1] == (b".ciphertextfs-fscrypt",)]
+    first_encrypted = min(i for i, p in enumerate(paths) if p[:1] == (b"cust",))
+    assert first_encrypted > 0

@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     report = Report(stream=sys.stderr, quiet=args.quiet, progress=sys.stderr.isatty())
     keys = keyring_from_args(args, report.note, verbose=not args.quiet)
     try:
-        backup = WithoutMetadataEntry(open_backup(args.source), report.note)
+        meta = getattr(keys.resolver, "meta", None)
+        backup = WithoutMetadataEntry(open_backup(args.source), report.note, meta)
     except BackupError as e:
         raise CommandError(str(e), EXIT_FATAL) from None
     writer = DestWriter(args.dest or ".", dry=args.verify)

@@ -141,7 +141,7 @@ def keyring_from_args(args: argparse.Namespace, note, *, verbose: bool = True):
         raise CommandError(str(e), 2) from None
     for problem in meta.problems:
         note(problem)
-    if not meta.policies:
+    if not meta.policies and args.source != "-":
         note(
             "no fscrypt policy metadata found in SOURCE"
             + (" or --fscrypt-metadata" if args.fscrypt_metadata else "")

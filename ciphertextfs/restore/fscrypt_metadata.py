@@ -66,9 +66,6 @@ __all__ = [
     "save_key",
 ]
 
-_POLICY, _PROTECTOR, _LINK = "policy", "protector", "link"
-
-
 @dataclass
 class Metadata:
     """Every metadata file found, by descriptor; one descriptor may be found in several places."""
@@ -78,8 +75,12 @@ class Metadata:
     links: dict[str, list[tuple[dict[str, str], str]]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     searched: list[str] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
 
     def add(self, subdir: bytes, name: bytes, data: bytes, where: str) -> None:
+        if where in self.seen:
+            return
+        self.seen.add(where)
         text = os.fsdecode(name)
         try:
             if subdir == META_POLICIES:
@@ -446,18 +447,50 @@ def needed_keys(backup: Backup) -> tuple[dict[tuple[int, bytes], NeededKey], int
 
 
 class WithoutMetadataEntry(Backup):
-    """A backup minus the view's metadata entry, which is read for keys, never restored."""
+    """A backup minus the view's metadata entry, which is read for keys, never restored.
 
-    def __init__(self, inner: Backup, note: Callable[[str], None] | None = None) -> None:
+    With `meta`, the metadata files at the backup's root are also read as
+    they pass: a tar stream cannot be scanned beforehand, and the view lists
+    its metadata entry first so that it precedes the encrypted trees.
+    """
+
+    def __init__(
+        self,
+        inner: Backup,
+        note: Callable[[str], None] | None = None,
+        meta: Metadata | None = None,
+    ) -> None:
         self.inner = inner
         self.description = inner.description
         self._note = note
+        self._meta = meta
+
+    def _observe(self, e: Entry) -> None:
+        if self._meta is None or e.kind is not Kind.REG or e.open is None:
+            return
+        hit = _metadata_path(e.path, False)
+        if hit is None or e.size > MAX_METADATA_FILE_SIZE:
+            return
+        where = f"SOURCE:{show_path(e.path)}"
+        if where in self._meta.seen:
+            return
+        try:
+            with e.open() as f:
+                data = f.read(MAX_METADATA_FILE_SIZE + 1)
+        except OSError:
+            return
+        self._meta.add(hit[0], hit[1], data, where)
 
     def entries(self) -> Iterator[Entry | TreeProblem]:  # type: ignore[override]
         skipping = False
         for e in self.inner.entries():
             p = e.path
-            if len(p) == 1 and p[0] == META_DIR_NAME and not isinstance(e, TreeProblem):
+            if isinstance(e, TreeProblem):
+                if not (skipping and p[:1] == (META_DIR_NAME,)):
+                    yield e
+                continue
+            self._observe(e)
+            if len(p) == 1 and p[0] == META_DIR_NAME:
                 skipping = e.kind is Kind.DIR and e.xattrs.get(XATTR_META_MARK) == META_MARK_VALUE
                 if skipping:
                     if self._note is not None:
