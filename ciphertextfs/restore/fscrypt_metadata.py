@@ -66,6 +66,7 @@ __all__ = [
     "save_key",
 ]
 
+
 @dataclass
 class Metadata:
     """Every metadata file found, by descriptor; one descriptor may be found in several places."""
