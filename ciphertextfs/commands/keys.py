@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
             "key": key_label(ctx),
             "policy_version": 1 if ctx.version == 1 else 2,
             "key_spec": spec.hex(),
-            "modes": ctx.describe(),
+            "modes": f"{ctx.contents.name}/{ctx.filenames.name}, {'|'.join(ctx.flag_names())}",
             "entries": k.entries,
             "example": show_path(k.example),
             "policy_files": [w for _p, w in policies],
@@ -252,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
     for item in report:
         n = item["entries"]
         print(
-            f"{item['key']} ({item['modes']}): {n} entr{'y' if n == 1 else 'ies'}, "
+            f"{item['key']} (policy v{item['policy_version']}, {item['modes']}): "
+            f"{n} entr{'y' if n == 1 else 'ies'}, "
             f"e.g. {item['example']}"
         )
         for p in item["protectors"]:
