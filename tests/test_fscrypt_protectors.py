@@ -351,6 +351,19 @@ def test_sub_view_without_linked_warns_and_recovery_passphrase_works(
         world.root_meta,
     )
     assert "opened with login protector of uid" in proc.stderr, proc.stderr
+    # ... or a tar backup of it.
+    meta_tar = tmp_path / "rootmeta.tar"
+    harness.run("tar", "-C", world.root_meta, "-cf", meta_tar, ".")
+    proc = decrypt(
+        world,
+        src,
+        None,
+        "--passphrase-file",
+        world.secrets["login"],
+        "--fscrypt-metadata",
+        meta_tar,
+    )
+    assert "opened with login protector of uid" in proc.stderr, proc.stderr
 
 
 def test_keys_command(world: World) -> None:

@@ -509,3 +509,6 @@ class WithoutMetadataEntry(Backup):
 
     def close(self) -> None:
         self.inner.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)

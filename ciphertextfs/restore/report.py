@@ -46,8 +46,8 @@ class Report:
     problems: list[tuple[Path_, str]] = field(default_factory=list)
     missing_keys: dict[str, _MissingKey] = field(default_factory=dict)
     missing_hint: str = (
-        "run 'ciphertextfs keys SOURCE' to see which fscrypt passphrase, login or "
-        "protector key opens each missing key"
+        "run 'ciphertextfs keys SOURCE' to see which fscrypt passphrase, login passphrase or "
+        "protector key file opens each key above"
     )
     _start: float = field(default_factory=time.monotonic)
     _last_draw: float = 0.0
