@@ -230,6 +230,10 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         with view(data, base / "v-root"):
             w.backups["root.tar"] = base / "root.tar"
             harness.run(*TAR, "-C", base / "v-root", "-cf", base / "root.tar", ".")
+        with view(data, base / "v-root2", f"--fscrypt-linked={root_meta}") as err:
+            w.mount_stderr["root-linked"] = err
+            harness.run("rsync", "-aHAX", f"{base / 'v-root2'}/", f"{base / 'root-rsync'}/")
+            w.backups["root-rsync"] = base / "root-rsync"
         with view(home, base / "v-sub", f"--fscrypt-linked={root_meta}") as err:
             w.mount_stderr["sub-linked"] = err
             harness.run("rsync", "-aHAX", f"{base / 'v-sub'}/", f"{base / 'sub-rsync'}/")
@@ -313,6 +317,19 @@ def test_sub_view_rsync_login_passphrase_from_the_view_alone(world: World, tmp_p
     assert {k: v for k, v in got.items() if k in want} == want
     assert ".ciphertextfs-fscrypt" not in os.listdir(dest)
     assert "missing key:" in proc.stderr and "ciphertextfs keys SOURCE" in proc.stderr
+
+
+def test_root_view_with_linked_protectors(world: World, tmp_path: Path) -> None:
+    """At the filesystem root the entry holds only the linked protectors."""
+    src = world.backups["root-rsync"]
+    assert os.listdir(src / ".ciphertextfs-fscrypt") == ["linked"]
+    assert "lives on another filesystem" not in world.mount_stderr["root-linked"]
+    dest = tmp_path / "out"
+    proc = decrypt(world, src, dest, "--passphrase-file", world.secrets["login"])
+    assert "opened with login protector of uid" in proc.stderr, proc.stderr
+    got = restored(dest / "home")
+    want = {k: v for k, v in world.plain.items() if k == "login" or k.startswith("login/")}
+    assert {k: v for k, v in got.items() if k in want} == want
 
 
 def test_sub_view_without_linked_warns_and_recovery_passphrase_works(
