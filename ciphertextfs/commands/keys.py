@@ -129,6 +129,12 @@ def keyring_from_args(args: argparse.Namespace, note, *, verbose: bool = True):
     try:
         ring = KeyRing.from_args(args.key, args.v1_key)
         if not has_secrets(args):
+            if args.fscrypt_metadata or args.save_keys:
+                raise CommandError(
+                    "--fscrypt-metadata and --save-keys need --passphrase-file, "
+                    "--ask-passphrase or --protector-key",
+                    2,
+                )
             return ring
         secrets = Secrets(
             passphrases=[(load_passphrase_file(p), p) for p in args.passphrase_file],

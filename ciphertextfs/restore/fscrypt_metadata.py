@@ -111,8 +111,8 @@ def _metadata_path(path: Path_, anywhere: bool) -> tuple[bytes, bytes] | None:
         return None
     sub, name = path[-2], path[-1]
     parent = path[:-2]
-    if sub not in (META_POLICIES, META_PROTECTORS, META_LINKED):
-        return None
+    if sub not in (META_POLICIES, META_PROTECTORS, META_LINKED) or name.startswith(b"."):
+        return None  # fscrypt's own temporary files start with ".tmp"
     if sub == META_LINKED:
         ok = parent[-1:] == (META_DIR_NAME,)
         sub = META_PROTECTORS
@@ -160,6 +160,8 @@ def _scan_dir(meta: Metadata, base: bytes, label: str, anywhere: bool) -> None:
             meta.problems.append(f"{label}: cannot list {os.fsdecode(d)}: {e.strerror}")
             continue
         for name in names:
+            if name.startswith(b"."):
+                continue
             p = os.path.join(d, name)
             where = f"{label}:{show_path((*parent, sub, name))}"
             try:

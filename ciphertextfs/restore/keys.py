@@ -44,16 +44,14 @@ def load_key_file(path: str) -> MasterKey:
     except OSError as e:
         raise KeyFileError(f"key file {path}: {e.strerror}") from None
     if len(raw) != FSCRYPT_MAX_KEY_SIZE:
+        hint = ""
+        if len(raw) == 32:
+            hint = " (a 32-byte fscrypt raw_key protector file goes to --protector-key)"
+        elif len(raw) < 32:
+            hint = " (an fscrypt passphrase goes to --passphrase-file)"
         raise KeyFileError(
             f"key file {path}: {len(raw) if len(raw) <= FSCRYPT_MAX_KEY_SIZE else 'over 64'} "
-            f"bytes, expected a raw {FSCRYPT_MAX_KEY_SIZE}-byte master key"
-            + (
-                " (a 32-byte fscrypt raw_key protector file goes to --protector-key)"
-                if len(raw) == 32
-                else " (an fscrypt passphrase goes to --passphrase-file)"
-                if len(raw) < 32
-                else ""
-            )
+            f"bytes, expected a raw {FSCRYPT_MAX_KEY_SIZE}-byte master key{hint}"
         )
     return MasterKey(raw)
 
