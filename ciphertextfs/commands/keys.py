@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     except (BackupError, KeyFileError) as e:
         raise CommandError(str(e), 2) from None
     with backup:
-        needed, bad = needed_keys(backup)
+        needed, bad = needed_keys(backup, meta)
     report = []
     for (_version, spec), k in sorted(needed.items(), key=lambda kv: show_path(kv[1].example)):
         ctx = k.ctx

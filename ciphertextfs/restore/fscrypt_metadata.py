@@ -428,11 +428,16 @@ def _entry_context(e: Entry) -> FscryptContext | None:
     return None
 
 
-def needed_keys(backup: Backup) -> tuple[dict[tuple[int, bytes], NeededKey], int]:
-    """Keys the encrypted entries of a backup name, and how many entries had a bad context."""
+def needed_keys(
+    backup: Backup, meta: Metadata | None = None
+) -> tuple[dict[tuple[int, bytes], NeededKey], int]:
+    """Keys the encrypted entries of a backup name, and how many entries had a bad context.
+
+    With `meta`, metadata files met on the way are added to it (a stream is read once).
+    """
     keys: dict[tuple[int, bytes], NeededKey] = {}
     bad = 0
-    for e in WithoutMetadataEntry(backup).entries():
+    for e in WithoutMetadataEntry(backup, meta=meta).entries():
         if isinstance(e, TreeProblem):
             continue
         try:
