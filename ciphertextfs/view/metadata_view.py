@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from ciphertextfs.ext4.errors import Ext4Error
 from ciphertextfs.ext4.fs import Filesystem
+from ciphertextfs.ext4.inode import EXT4_ROOT_INO
 from ciphertextfs.fscrypt.errors import FscryptError
 from ciphertextfs.fscrypt.protector import (
     MAX_METADATA_FILE_SIZE,
@@ -53,7 +54,6 @@ __all__ = [
 
 log = logging.getLogger("ciphertextfs")
 
-EXT4_ROOT_INO = 2
 META_INO_BASE = 1 << 48
 """Inode numbers of the metadata entry: above every ext4 inode and side file."""
 _MAX_FILES = 4096
