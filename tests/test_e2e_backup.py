@@ -237,7 +237,9 @@ def test_view_ciphertext_and_xattrs_match_disk(world: World, view: ViewMount) ->
             assert data == disk[:ct_size], rel
             assert os.getxattr(vp, "user.fscrypt.size") == str(real).encode(), rel
             assert os.getxattr(vp, "user.fscrypt.context") == world.contexts[rel], rel
-            assert os.getxattr(vp, "user.fscrypt.block_size") == str(BLOCK).encode()
+            # Format 2: the block size is the directory's, not each file's.
+            assert "user.fscrypt.block_size" not in os.listxattr(vp)
+            assert os.getxattr(vp.parent, "user.fscrypt.block_size") == str(BLOCK).encode()
     for policy in trees.POLICIES:
         d = view.mountpoint / encdir(policy)
         assert os.getxattr(d, "user.fscrypt.context") == world.contexts[encdir(policy)]

@@ -597,3 +597,20 @@ def test_metadata_read_as_the_entries_pass(world: World) -> None:
     assert not [p for p in paths if p[:1] == (b".ciphertextfs-fscrypt",)]
     members = harness.run("tar", "-tf", world.backups["sub.tar"]).splitlines()
     assert members[1] == "./.ciphertextfs-fscrypt/", members[:3]
+
+
+def test_tar_stream_with_the_metadata_entry(world: World, tmp_path: Path) -> None:
+    """A stream is read once: the metadata entry, listed first, is met before the trees."""
+    dest = tmp_path / "out"
+    with open(world.backups["sub.tar"], "rb") as f:
+        proc = subprocess.run(
+            [*CLI, "decrypt", "--passphrase-file", os.fspath(world.secrets["cust"]), "-", dest],
+            stdin=f,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert 'opened with custom protector "mypass"' in proc.stderr, proc.stderr
+    got = walk(dest)
+    want = {k: v for k, v in world.plain.items() if k == "cust" or k.startswith("cust/")}
+    assert {k: v for k, v in got.items() if k in want} == want

@@ -93,8 +93,11 @@ def test_long_names_are_in_the_side_file(locked_image):
                 assert SIDE_FILE_NAME not in entries, rel
                 continue
             side_ino = entries[SIDE_FILE_NAME]
+            assert view.entries(ino)[0].name == SIDE_FILE_NAME, rel  # first, for tar
             text = view.read(side_ino, 0, 1 << 20).decode()
-            lines = dict(line.split(" ") for line in text.splitlines())
+            head, *body = text.splitlines()
+            assert head == "fscrypt-side 2"
+            lines = dict(line.split(" ")[1:] for line in body if line.startswith("n "))
             assert set(lines) == long, rel
             for name, full in lines.items():
                 parsed = parse_nokey_name(name)

@@ -15,9 +15,15 @@ DESCRIPTION = """\
 Decrypt a backup of the ciphertext view into DEST with the owner's keys.
 
 SOURCE is a directory holding a copy of the view (tar --xattrs -x,
-rsync -aHAX) or a tar archive made from the view (any compression), read
-directly.  DEST must not exist or be an empty directory; it may lie in an
-unlocked fscrypt-encrypted directory (the kernel re-encrypts).
+rsync -aHAX), a tar archive made from the view, read directly, or "-" for
+a tar stream on standard input, read in one pass (zstd -dc home.tar.zst |
+ciphertextfs decrypt --key alice.key - /restore).  Archives may be
+uncompressed or compressed with gzip, bzip2, xz or zstd (found by content,
+not by name).  A damaged archive is read past the damage: each region lost
+is reported ("damaged archive: ...") and the rest is restored.
+
+DEST must not exist or be an empty directory; it may lie in an unlocked
+fscrypt-encrypted directory (the kernel re-encrypts).
 
 With the fscrypt tool's secrets (see below and 'ciphertextfs keys'), the
 master keys are unlocked from the fscrypt metadata in the backup.  Raw key
@@ -27,7 +33,13 @@ by the descriptor e4crypt/fscrypt derive from the key.
 
 Every entry that cannot be restored is reported on stderr ("not restored:
 PATH: REASON"); a missing key is reported once with the number of entries
-that need it.  The rest of the tree is restored."""
+that need it.  The rest of the tree is restored.
+
+A backup that lost its user.fscrypt.* xattrs (rsync -a without -X, tar
+without --xattrs at create or extract, cpio) can never be restored: it is
+detected, said so, and every entry it affects counts as not restored, also
+with --verify.  Entries without a context inside an encrypted directory and
+missing or damaged side files are reported one by one."""
 
 EPILOG = """\
 exit status:
@@ -75,7 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "without a custom one (default 4096)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
-    p.add_argument("source", metavar="SOURCE", help="backup directory or tar archive")
+    p.add_argument(
+        "source", metavar="SOURCE", help="backup directory, tar archive, or - for standard input"
+    )
     p.add_argument("dest", metavar="DEST", nargs="?", help="where to restore (not with --verify)")
     p.set_defaults(run=run)
     return p
@@ -104,14 +118,18 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--block-size {bs}: not a power of two from 1024 to 65536", EXIT_FATAL)
     report = Report(stream=sys.stderr, quiet=args.quiet, progress=sys.stderr.isatty())
     keys = keyring_from_args(args, report.note, verbose=not args.quiet)
+    if args.source == "-" and sys.stdin.isatty():
+        raise CommandError("refusing to read an archive from a terminal (SOURCE is -)", EXIT_FATAL)
     try:
         meta = getattr(keys.resolver, "meta", None)
-        backup = WithoutMetadataEntry(open_backup(args.source), report.note, meta)
+        backup = WithoutMetadataEntry(
+            open_backup(args.source, stdin=sys.stdin.buffer), report.note, meta
+        )
     except BackupError as e:
         raise CommandError(str(e), EXIT_FATAL) from None
     writer = DestWriter(args.dest or ".", dry=args.verify)
     with backup:
         try:
             return Restorer(backup, writer, keys, report, block_size=bs).run(verify=args.verify)
-        except DestError as e:
+        except (DestError, BackupError) as e:
             raise CommandError(str(e), EXIT_FATAL) from None

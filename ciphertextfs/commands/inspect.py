@@ -1,14 +1,17 @@
 """`ciphertextfs inspect`: decode the fscrypt metadata of entries of the view or a backup.
 
 Reads only what a backup keeps: the user.fscrypt.* attributes of files and
-directories, the `fscrypt:1:` target of encrypted symlinks, and the no-key
-name of an entry of an encrypted directory (with its side file for long
-names).  No key is needed.
+directories (and the block size of their directory), the target of encrypted
+symlinks, and the no-key name of an entry of an encrypted directory (with its
+side file for long names and long symlink targets).  No key is needed.  An
+entry of an encrypted directory that has no context of its own is reported
+as "context missing": its xattrs were lost on the way into the backup.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import stat
@@ -55,26 +58,53 @@ def _xattrs(path: str) -> dict[bytes, bytes]:
     return out
 
 
-def _kind(mode: int) -> str:
-    from ciphertextfs.restore.backup import _kind_of
+_KINDS = {
+    stat.S_IFDIR: "directory",
+    stat.S_IFREG: "regular file",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFSOCK: "socket",
+}
 
-    k = _kind_of(mode)
-    return k.value if k else "unknown"
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "unknown")
+
+
+def _side_file(parent: str):
+    from ciphertextfs.viewformat import SIDE_FILE_MAX, SIDE_FILE_NAME, decode_side_file
+
+    side_path = os.path.join(parent, os.fsdecode(SIDE_FILE_NAME))
+    if not os.path.isfile(side_path):
+        return None
+    with open(side_path, "rb") as f:
+        return decode_side_file(f.read(SIDE_FILE_MAX))
 
 
 def inspect_path(path: str) -> dict[str, Any]:
     """Everything decodable about one entry, as a JSON-ready dict."""
     from ciphertextfs.fscrypt.errors import FscryptError
     from ciphertextfs.fscrypt.nokey import base64url_encode, parse_nokey_name
-    from ciphertextfs.restore.plan import RestoreProblem, fscrypt_attrs, parse_symlink_target
-    from ciphertextfs.view.format import SIDE_FILE_NAME, XATTR_FSCRYPT_CONTEXT, parse_side_file
+    from ciphertextfs.viewformat import (
+        SIDE_FILE_NAME,
+        SYMLINK_REF_PREFIX,
+        XATTR_FSCRYPT_CONTEXT,
+        FormatError,
+        decode_symlink,
+        decode_xattrs,
+        is_encrypted_symlink_target,
+    )
 
     st = os.lstat(path)
     info: dict[str, Any] = {"path": path, "type": _kind(st.st_mode)}
     problems: list[str] = []
     parent = os.path.dirname(os.path.abspath(path))
     name = os.fsencode(os.path.basename(os.path.abspath(path)))
-    if XATTR_FSCRYPT_CONTEXT in _xattrs(parent) and name != SIDE_FILE_NAME:
+    parent_encrypted = XATTR_FSCRYPT_CONTEXT in _xattrs(parent)
+    side = None
+    if parent_encrypted and name != SIDE_FILE_NAME:
         try:
             nk = parse_nokey_name(name)
             n: dict[str, Any] = {
@@ -86,11 +116,8 @@ def inspect_path(path: str) -> dict[str, Any]:
                 n["ciphertext_length"] = len(nk.prefix)
             else:
                 n["sha256"] = nk.sha256.hex()
-                side_path = os.path.join(parent, os.fsdecode(SIDE_FILE_NAME))
-                full = None
-                if os.path.isfile(side_path):
-                    with open(side_path, "rb") as f:
-                        full = parse_side_file(f.read()).get(name)
+                side = _side_file(parent)
+                full = side.names.get(name) if side is not None else None
                 n["side_file"] = full is not None
                 if full is not None:
                     n["ciphertext_length"] = len(full)
@@ -102,19 +129,36 @@ def inspect_path(path: str) -> dict[str, Any]:
     try:
         if stat.S_ISLNK(st.st_mode):
             target = os.readlink(os.fsencode(path))
-            if target.startswith(b"fscrypt:1:"):
-                link = parse_symlink_target(target)
+            if is_encrypted_symlink_target(target):
+                if target.startswith(SYMLINK_REF_PREFIX) and side is None:
+                    side = _side_file(parent)
+                link = decode_symlink(target, side)
                 info["context"] = link.context.to_json()
                 info["description"] = link.context.describe()
-                info["symlink"] = {"ciphertext_length": len(link.ciphertext)}
+                info["symlink"] = {
+                    "ciphertext_length": len(link.ciphertext),
+                    "in_side_file": target.startswith(SYMLINK_REF_PREFIX),
+                }
                 if link.ino is not None:
                     info["ino"] = link.ino
                     info["fs_uuid"] = link.fs_uuid.hex() if link.fs_uuid else None
             else:
                 info["symlink"] = {"target": os.fsdecode(target)}
         else:
-            attrs = fscrypt_attrs(_xattrs(path), regular=stat.S_ISREG(st.st_mode))
-            if attrs is not None:
+            attrs = decode_xattrs(_xattrs(path), regular=stat.S_ISREG(st.st_mode))
+            if attrs.block_size is None and stat.S_ISREG(st.st_mode):
+                # Format 2 gives the block size to the directory, not the file.
+                attrs = dataclasses.replace(
+                    attrs, block_size=decode_xattrs(_xattrs(parent), regular=False).block_size
+                )
+            if attrs.context is None:
+                if parent_encrypted and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                    info["context_missing"] = True
+                    problems.append(
+                        "context missing: no user.fscrypt.context inside an encrypted "
+                        "directory (xattrs lost: copied without rsync -X or tar --xattrs?)"
+                    )
+            else:
                 info["context"] = attrs.context.to_json()
                 info["description"] = attrs.context.describe()
                 if attrs.size is not None:
@@ -126,7 +170,7 @@ def inspect_path(path: str) -> dict[str, Any]:
                     info["fs_uuid"] = attrs.fs_uuid.hex()
                 if attrs.block_size is not None:
                     info["block_size"] = attrs.block_size
-    except (RestoreProblem, FscryptError) as e:
+    except (FormatError, FscryptError) as e:
         problems.append(str(e))
     info["encrypted"] = "context" in info
     if problems:
@@ -138,6 +182,8 @@ def _text(info: dict[str, Any]) -> str:
     lines = [f"{info['path']}:", f"  type: {info['type']}"]
     if "description" in info:
         lines.append(f"  context: {info['description']}")
+    elif info.get("context_missing"):
+        lines.append("  context missing")
     else:
         lines.append("  not encrypted" if "problems" not in info else "  context: unreadable")
     if "size" in info:
@@ -159,7 +205,10 @@ def _text(info: dict[str, Any]) -> str:
         if "target" in s:
             lines.append(f"  symlink target: {s['target']}")
         else:
-            lines.append(f"  symlink: encrypted target, {s['ciphertext_length']}-byte ciphertext")
+            where = ", kept in the directory's side file" if s.get("in_side_file") else ""
+            lines.append(
+                f"  symlink: encrypted target, {s['ciphertext_length']}-byte ciphertext{where}"
+            )
     for p in info.get("problems", []):
         lines.append(f"  problem: {p}")
     return "\n".join(lines)

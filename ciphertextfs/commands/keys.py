@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     from ciphertextfs.restore.keys import KeyFileError, key_label
 
     try:
-        backup = open_backup(args.source)
+        backup = open_backup(args.source, stdin=sys.stdin.buffer)
         meta = load_metadata(args.source, args.fscrypt_metadata)
     except (BackupError, KeyFileError) as e:
         raise CommandError(str(e), 2) from None

@@ -1,23 +1,29 @@
 """A copy of the view, read as one stream of entries whatever its container.
 
 A backup arrives either as a directory tree (`tar --xattrs -x`, `rsync
--aHAX`) or as the tar archive itself.  Both are turned into the same
-`Entry` records so that the restore logic never knows which one it reads.
-Entries come parents first; the side files of long names are available
-before any entry of their directory needs them.
+-aHAX`) or as the tar archive itself, a file or a stream on standard input.
+Both are turned into the same `Entry` records so that the restore logic
+never knows which one it reads.  Entries come parents first, side files
+included, in the order of the container (a tar archive's own order); what
+cannot be read comes among them as a `TreeProblem` (`ArchiveDamage` for a
+region of an archive lost).  `Backup.side_file` gives a directory's side
+file when the restore needs it before reaching it (see TarBackup for what
+a stream can and cannot give).
 """
 
 from __future__ import annotations
 
 import enum
+import io
 import os
 import stat
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from ciphertextfs.view.format import SIDE_FILE_NAME
+from ciphertextfs.viewformat import SIDE_FILE_MAX, SIDE_FILE_NAME
+
+from .tarstream import Damage, Member, Rejected, TarReader, decompressed
 
 __all__ = [
     "BackupError",
@@ -26,14 +32,12 @@ __all__ = [
     "Backup",
     "TreeBackup",
     "TarBackup",
+    "TreeProblem",
+    "ArchiveDamage",
     "open_backup",
     "show_path",
 ]
 
-
-# A side file holds one line of about 450 bytes per long name; anything far
-# larger than a directory could ever need is refused instead of read.
-SIDE_FILE_MAX = 256 * 1024 * 1024
 
 Path_ = tuple[bytes, ...]
 
@@ -105,10 +109,15 @@ class Backup:
     description: str
 
     def entries(self) -> Iterator[Entry]:
+        """Entries parents first; an entry's `open()` may only work until the next one."""
         raise NotImplementedError
 
     def side_file(self, dir_path: Path_) -> bytes | None:
-        """Contents of the long-name side file of a directory, None if it has none."""
+        """Contents of the long-name side file of a directory, None if it has none.
+
+        For a tar stream, None also when the side file has not been read
+        yet; TarBackup then reports it when it comes.
+        """
         raise NotImplementedError
 
     def close(self) -> None:
@@ -246,137 +255,197 @@ class TreeBackup(Backup):
                 stack.extend(path + (n,) for n in reversed(names))
 
 
-def _pax_name(keyword: str) -> bytes:
-    """Undo GNU tar's escaping of '=' and '%' in xattr names within pax keywords."""
-    raw = keyword.encode("utf-8", "surrogateescape")
-    return raw.replace(b"%3D", b"=").replace(b"%25", b"%")
-
-
-def _pct_decode(raw: bytes) -> bytes:
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        if raw[i] == 0x25 and i + 3 <= len(raw):
-            try:
-                out.append(int(raw[i + 1 : i + 3], 16))
-                i += 3
-                continue
-            except ValueError:
-                pass
-        out.append(raw[i])
-        i += 1
-    return bytes(out)
-
-
-def tar_xattrs(pax: dict[str, str]) -> dict[bytes, bytes]:
-    """Extended attributes of a member from its pax records.
-
-    GNU tar writes `SCHILY.xattr.<name>` with the raw value; bsdtar writes
-    `LIBARCHIVE.xattr.<url-encoded name>` with the value in base64.  The
-    archive is opened with utf-8/surrogateescape, so encoding a value back
-    the same way gives its exact bytes even when it is not UTF-8.
-    """
-    import base64
-
-    out: dict[bytes, bytes] = {}
-    for key, value in pax.items():
-        if key.startswith("SCHILY.xattr."):
-            out[_pax_name(key[len("SCHILY.xattr.") :])] = value.encode("utf-8", "surrogateescape")
-        elif key.startswith("LIBARCHIVE.xattr."):
-            name = _pct_decode(key[len("LIBARCHIVE.xattr.") :].encode("utf-8", "surrogateescape"))
-            try:
-                out.setdefault(name, base64.b64decode(value + "=" * (-len(value) % 4)))
-            except ValueError:
-                continue
-    return out
-
-
-def _tar_path(name: str) -> Path_ | None:
+def _tar_path(raw: bytes) -> Path_ | None:
     """Split a member name into components; None for names escaping the root."""
-    raw = name.encode("utf-8", "surrogateescape")
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     if b".." in parts:
         return None
     return tuple(parts)
 
 
-class TarBackup(Backup):
-    """A tar archive made from the view, read without extracting it.
+class ArchiveDamage(TreeProblem):
+    """Bytes of an archive lost to damage: not one entry, a region between offsets.
 
-    The archive is read twice: once for the headers (tarfile keeps them) and
-    the side files, once in archive order for the contents.  Random access
-    lets a hard link be restored from its target member's data whatever the
-    order, and a directory's side file be known before its first entry.
+    `start` and `end` are offsets in the uncompressed archive (`end` None:
+    to its end); `path` names the member the damage cut short, if any.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        self.description = f"tar archive {self.path}"
+    def __init__(self, start: int, end: int | None, reason: str, path: Path_ = ()) -> None:
+        where = f"bytes {start}-{end}" if end is not None else f"from byte {start} to the end"
+        member = f" (inside {show_path(path)})" if path else ""
+        super().__init__(path, f"{reason}: archive {where} lost{member}")
+        self.start = start
+        self.end = end
+
+
+_TAR_KIND = {
+    b"5": Kind.DIR,
+    b"D": Kind.DIR,  # GNU dumpdir: a directory whose data lists its names
+    b"2": Kind.SYMLINK,
+    b"3": Kind.CHR,
+    b"4": Kind.BLK,
+    b"6": Kind.FIFO,
+}
+_TAR_REGULAR = (b"0", b"\0", b"7", b"S")
+
+
+class TarBackup(Backup):
+    """A tar archive made from the view, read in one pass.
+
+    The archive is a file or a stream (standard input); its compression is
+    found by magic number.  Entries come in archive order, side files
+    included; the `open()` of a regular file's entry reads the archive
+    itself, so it works only until the next entry is asked for.  Damage is
+    yielded among the entries: `TreeProblem` for a member refused,
+    `ArchiveDamage` for a region of the archive lost.
+
+    `side_file(dir)` answers from the side files already passed in the
+    stream (those of the current entry's directories are kept).  For a side
+    file further on (format-1 archives list it after the entries needing
+    it) an archive file is read ahead by a second reader that never goes
+    back, so the whole archive is read at most twice; a stream cannot be
+    read ahead: side_file then answers None, and if that directory's side
+    file turns up later its entry is reported as having come too late.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, *, stream: BinaryIO | None = None):
+        self.path = os.fspath(path) if path is not None else None
+        if stream is None:
+            assert self.path is not None
+            self.description = f"tar archive {self.path}"
+            try:
+                raw: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+            except OSError as e:
+                raise BackupError(f"{self.path}: {e.strerror}") from None
+        else:
+            self.description = "tar stream on standard input"
+            raw = stream
+        self._raw = raw
         try:
-            self.tar = tarfile.open(self.path, "r:*", encoding="utf-8", errors="surrogateescape")
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise BackupError(f"{self.path}: not a readable tar archive: {e}") from None
-        self.problems: list[TreeProblem] = []
-        try:
-            self.members = self.tar.getmembers()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            self.problems.append(
-                TreeProblem((), f"archive damaged after {len(self.tar.members)} members: {e}")
-            )
-            self.members = list(self.tar.members)
-        self._side: dict[Path_, tarfile.TarInfo] = {}
-        self._by_path: dict[Path_, tarfile.TarInfo] = {}
-        for m in self.members:
-            p = _tar_path(m.name)
-            if p is None:
-                continue
-            self._by_path[p] = m
-            if p and p[-1] == SIDE_FILE_NAME and m.isreg():
-                self._side[p[:-1]] = m
+            seekable = stream is None and raw.seekable()
+            data, self.compression = decompressed(raw)
+        except (OSError, EOFError) as e:
+            self.close()
+            raise BackupError(f"{self._name}: cannot read: {e}") from None
+        self._data = data
+        self._seekable = seekable
+        self._reader = TarReader(data, can_seek=seekable and self.compression is None)
+        # dir -> (offset of its side file's member, contents)
+        self._side_seen: dict[Path_, tuple[int, bytes]] = {}
+        self._side_refused: set[Path_] = set()
+        self._cur_offset = -1
+        self._ahead: TarReader | None = None
+        self._ahead_it: Iterator[Member | Rejected | Damage] | None = None
+        self._ahead_pending: Member | None = None
+        self._ahead_files: list[BinaryIO] = []
+
+    @property
+    def _name(self) -> str:
+        return self.path if self.path is not None else "standard input"
 
     def close(self) -> None:
-        self.tar.close()
+        for f in [*self._ahead_files, getattr(self, "_data", None), self._raw]:
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        self._ahead_files = []
+
+    # -- side files -------------------------------------------------------
 
     def side_file(self, dir_path: Path_) -> bytes | None:
-        m = self._side.get(dir_path)
-        if m is None:
+        if dir_path in self._side_seen:
+            return self._side_seen[dir_path][1]
+        if not self._seekable:
+            self._side_refused.add(dir_path)
             return None
+        return self._read_ahead(dir_path)
+
+    def _read_ahead(self, d: Path_) -> bytes | None:
+        """Find d's side file further on, before the reader leaves d's subtree."""
+        if self._ahead_it is None:
+            assert self.path is not None
+            f = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+            self._ahead_files.append(f)
+            data, comp = decompressed(f)
+            self._ahead_files.append(data)
+            self._ahead = TarReader(data, can_seek=comp is None)
+            self._ahead_it = iter(self._ahead)
+        assert self._ahead is not None
+        want = d + (SIDE_FILE_NAME,)
+        while True:
+            r = self._ahead_pending
+            self._ahead_pending = None
+            if r is None:
+                r = next(self._ahead_it, None)  # type: ignore[arg-type]
+                if r is None:
+                    return None
+                if not isinstance(r, Member):
+                    continue
+            if r.offset <= self._cur_offset:
+                continue
+            q = _tar_path(r.path)
+            if q is None:
+                continue
+            if len(q) <= len(d) or q[: len(d)] != d:
+                self._ahead_pending = r
+                return None
+            if q[-1] == SIDE_FILE_NAME and r.typeflag in _TAR_REGULAR:
+                self._side_seen[q[:-1]] = (r.offset, self._side_data(self._ahead, r))
+                if q == want:
+                    return self._side_seen[d][1]
+
+    @staticmethod
+    def _side_data(reader: TarReader, m: Member) -> bytes:
         if m.size > SIDE_FILE_MAX:
-            raise OSError(27, "side file too large")
-        f = self.tar.extractfile(m)
-        assert f is not None
-        return f.read()
+            raise OSError(27, "side file too large")  # EFBIG
+        with reader.open(m) as f:
+            return f.read()
 
-    def _opener(self, m: tarfile.TarInfo) -> Callable[[], BinaryIO]:
-        def open_member() -> BinaryIO:
-            f = self.tar.extractfile(m)
-            if f is None:
-                raise OSError(5, "member has no data")
-            return f  # type: ignore[return-value]
+    def _forget_sides(self, p: Path_, offset: int) -> None:
+        """Drop the side files of directories the reader is done with.
 
-        return open_member
+        A directory's subtree is contiguous in a tar archive and holds its
+        side file: once the reader is past the side file and outside the
+        directory, nothing later needs it.  What is kept is at most the side
+        files of p's ancestors, and those read ahead but not reached yet.
+        """
+        done = [
+            d
+            for d, (at, _) in self._side_seen.items()
+            if at <= offset and (len(d) >= len(p) or p[: len(d)] != d)
+        ]
+        for d in done:
+            del self._side_seen[d]
+
+    # -- entries ----------------------------------------------------------
 
     def entries(self) -> Iterator[Entry | TreeProblem]:  # type: ignore[override]
         seen_root = False
-        for m in self.members:
-            p = _tar_path(m.name)
+        members = 0
+        damage: list[Damage] = []
+        for r in self._reader:
+            if isinstance(r, Damage):
+                path = _tar_path(r.path) if r.path is not None else ()
+                damage.append(r)
+                why = r.reason + (f" ({self.compression}-decompressed)" if self.compression else "")
+                yield ArchiveDamage(r.start, r.end, why, path or ())
+                continue
+            p = _tar_path(r.path)
             if p is None:
                 yield TreeProblem(
-                    tuple(m.name.encode("utf-8", "surrogateescape").split(b"/")),
-                    "member name leaves the archive's root",
+                    tuple(r.path.split(b"/")), "member name leaves the archive's root"
                 )
                 continue
-            if m.islnk():
-                target = _tar_path(m.linkname)
-                tm = self._by_path.get(target) if target is not None else None
-                if tm is None or not tm.isreg():
-                    yield TreeProblem(p, "hard link to a member missing from the archive")
-                    continue
-                e = self._member_entry(p, tm)
-                e.link_key = ("tar", target)
-                yield e
+            if isinstance(r, Rejected):
+                members += 1
+                yield TreeProblem(p, f"member at byte {r.offset} refused: {r.reason}")
                 continue
-            if not p and not m.isdir():
+            members += 1
+            self._cur_offset = r.offset
+            self._forget_sides(p, r.offset)
+            if not p and r.typeflag not in (b"5", b"D"):
                 yield TreeProblem(p, "archive root member is not a directory")
                 continue
             if not p:
@@ -384,80 +453,80 @@ class TarBackup(Backup):
             elif not seen_root:
                 seen_root = True
                 yield Entry(path=(), kind=Kind.DIR, mode=0o755, uid=0, gid=0, mtime_ns=0)
-            e = self._member_entry(p, m)
-            if e is None:
-                yield TreeProblem(p, f"unsupported tar member type {m.type!r}")
+            e = self._member_entry(p, r)
+            if isinstance(e, TreeProblem):
+                yield e
                 continue
-            if m.isreg() and m.name in self._link_targets:
-                e.link_key = ("tar", p)
+            if e is None:
+                continue
+            if p and p[-1] == SIDE_FILE_NAME and e.kind is Kind.REG:
+                try:
+                    side = self._side_data(self._reader, r)
+                except OSError as err:
+                    yield TreeProblem(p, f"side file unreadable: {err.strerror or err}")
+                    continue
+                if p[:-1] in self._side_refused:
+                    yield TreeProblem(
+                        p,
+                        "comes after entries of its directory that needed it, in a stream that "
+                        "cannot be rewound: its long names were not restored (restore from the "
+                        "archive file instead)",
+                    )
+                    continue
+                self._side_seen[p[:-1]] = (r.offset, side)
+                e.open = lambda data=side: io.BytesIO(data)  # type: ignore[misc]
             yield e
-        yield from self.problems
+        if members == 0:
+            why = f": {damage[0].reason}" if damage else ""
+            raise BackupError(f"{self._name}: not a tar archive{why}")
 
-    @property
-    def _link_targets(self) -> set[str]:
-        cached = getattr(self, "_lt", None)
-        if cached is None:
-            cached = set()
-            for m in self.members:
-                if m.islnk():
-                    t = _tar_path(m.linkname)
-                    tm = self._by_path.get(t) if t is not None else None
-                    if tm is not None:
-                        cached.add(tm.name)
-            self._lt = cached
-        return cached
-
-    def _member_entry(self, p: Path_, m: tarfile.TarInfo) -> Entry | None:
-        if m.isdir():
-            kind = Kind.DIR
-        elif m.isreg():
-            kind = Kind.REG
-        elif m.issym():
-            kind = Kind.SYMLINK
-        elif m.isfifo():
-            kind = Kind.FIFO
-        elif m.ischr():
-            kind = Kind.CHR
-        elif m.isblk():
-            kind = Kind.BLK
+    def _member_entry(self, p: Path_, m: Member) -> Entry | TreeProblem | None:
+        if m.typeflag == b"1":
+            target = _tar_path(m.linkname)
+            if target is None:
+                return TreeProblem(p, "hard link target leaves the archive's root")
+            return Entry(
+                path=p,
+                kind=Kind.REG,
+                mode=m.mode,
+                uid=m.uid,
+                gid=m.gid,
+                mtime_ns=m.mtime_ns,
+                xattrs=m.xattrs,
+                link_key=("tar", target),
+            )
+        if m.typeflag in _TAR_REGULAR:
+            kind = Kind.DIR if m.path.endswith(b"/") and m.typeflag == b"\0" else Kind.REG
+        elif m.typeflag in _TAR_KIND:
+            kind = _TAR_KIND[m.typeflag]
+        elif m.typeflag == b"V":
+            return None  # a volume label: no file
         else:
-            return None
-        pax = m.pax_headers
-        atime = pax.get("atime")
-        mtime = pax.get("mtime")
+            return TreeProblem(p, f"unsupported tar member type {m.typeflag!r}")
         e = Entry(
             path=p,
             kind=kind,
-            mode=m.mode & 0o7777,
+            mode=m.mode,
             uid=m.uid,
             gid=m.gid,
-            mtime_ns=_pax_time_ns(mtime) if mtime else int(m.mtime) * 1_000_000_000,
-            atime_ns=_pax_time_ns(atime) if atime else None,
-            size=m.size if kind is Kind.REG else 0,
+            mtime_ns=m.mtime_ns,
+            atime_ns=m.atime_ns,
+            size=m.real_size if kind is Kind.REG else 0,
             rdev=(m.devmajor, m.devminor),
-            xattrs=tar_xattrs(pax),
+            xattrs=m.xattrs,
         )
         if kind is Kind.SYMLINK:
-            e.target = m.linkname.encode("utf-8", "surrogateescape")
+            e.target = m.linkname
         if kind is Kind.REG:
-            e.open = self._opener(m)
+            e.open = lambda m=m: self._reader.open(m)  # type: ignore[misc]
+            e.link_key = ("tar", p)
         return e
 
 
-def _pax_time_ns(text: str) -> int:
-    """A pax time ("1700000000.123456789", maybe negative) as integer nanoseconds."""
-    neg = text.startswith("-")
-    body = text[1:] if neg else text
-    sec, _, frac = body.partition(".")
-    try:
-        ns = int(sec or "0") * 1_000_000_000 + int((frac + "000000000")[:9] or "0")
-    except ValueError:
-        return 0
-    return -ns if neg else ns
-
-
-def open_backup(path: str | os.PathLike[str]) -> Backup:
-    """A directory is a tree backup; anything else must be a tar archive."""
+def open_backup(path: str | os.PathLike[str], stdin: BinaryIO | None = None) -> Backup:
+    """A directory is a tree backup; "-" the tar stream on `stdin`; anything else a tar file."""
+    if os.fspath(path) == "-" and stdin is not None:
+        return TarBackup(None, stream=stdin)
     if os.path.isdir(path):
         return TreeBackup(path)
     if not os.path.exists(path):

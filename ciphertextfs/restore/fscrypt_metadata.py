@@ -38,7 +38,6 @@ from ciphertextfs.fscrypt.protector import (
     unlock_protector,
     wrapping_key,
 )
-from ciphertextfs.view.format import XATTR_FSCRYPT_CONTEXT
 from ciphertextfs.view.metadata_entry import (
     FSCRYPT_DIR_NAME,
     META_DIR_NAME,
@@ -48,10 +47,15 @@ from ciphertextfs.view.metadata_entry import (
     META_PROTECTORS,
     XATTR_META_MARK,
 )
+from ciphertextfs.viewformat import (
+    SYMLINK_PREFIX,
+    XATTR_FSCRYPT_CONTEXT,
+    FormatError,
+    decode_symlink_inline,
+)
 
 from .backup import Backup, BackupError, Entry, Kind, Path_, TreeProblem, open_backup, show_path
 from .keys import KeyFileError, key_label
-from .plan import RestoreProblem, parse_symlink_target
 
 __all__ = [
     "Metadata",
@@ -420,10 +424,10 @@ def _entry_context(e: Entry) -> FscryptContext | None:
     raw = e.xattrs.get(XATTR_FSCRYPT_CONTEXT)
     if raw is not None:
         return parse_context(raw)
-    if e.kind is Kind.SYMLINK and e.target is not None and e.target.startswith(b"fscrypt:"):
+    if e.kind is Kind.SYMLINK and e.target is not None and e.target.startswith(SYMLINK_PREFIX):
         try:
-            return parse_symlink_target(e.target).context
-        except RestoreProblem:
+            return decode_symlink_inline(e.target).context
+        except FormatError:
             return None
     return None
 

@@ -42,6 +42,7 @@ class Report:
     interval: float = 0.25
     restored: int = 0
     failed: int = 0
+    damaged: int = 0
     bytes_done: int = 0
     problems: list[tuple[Path_, str]] = field(default_factory=list)
     missing_keys: dict[str, _MissingKey] = field(default_factory=dict)
@@ -66,6 +67,11 @@ class Report:
         self.problems.append((path, reason))
         tail = f" (and {below} entr{'y' if below == 1 else 'ies'} below it)" if below else ""
         self._print(f"{PROG}: not restored: {show_path(path)}: {reason}{tail}")
+
+    def damage(self, text: str) -> None:
+        """A region of the archive lost: entries there are gone unnamed."""
+        self.damaged += 1
+        self._print(f"{PROG}: damaged archive: {text}")
 
     def missing_key(self, label: str, path: Path_, below: int = 0) -> None:
         """An entry (and `below` under it) that needs a key nobody gave."""
@@ -125,11 +131,17 @@ class Report:
             print(
                 f"{PROG} decrypt{' --verify' if verify else ''}: {self.restored} entries "
                 f"{word} ({_human(self.bytes_done)}, {elapsed:.1f} s), "
-                f"{self.failed} not {word}",
+                f"{self.failed} not {word}"
+                + (
+                    f", {self.damaged} damaged region{'s' if self.damaged > 1 else ''} "
+                    "of the archive"
+                    if self.damaged
+                    else ""
+                ),
                 file=self.stream,
                 flush=True,
             )
-        return EXIT_INCOMPLETE if self.failed else EXIT_OK
+        return EXIT_INCOMPLETE if self.failed or self.damaged else EXIT_OK
 
 
 def _human(n: int) -> str:

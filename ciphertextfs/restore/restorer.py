@@ -1,12 +1,26 @@
 """The restore driver: backup entries in, decrypted tree (or a verdict) out.
 
 Entries arrive parents first.  Each directory remembers what its children
-need (DEST path, filenames key, side file); a directory that cannot be
-restored takes its whole subtree with it, counted under its own message.
+need (DEST path, filenames key, block size, side file); a directory that
+cannot be restored takes its whole subtree with it, counted under its own
+message.
+
+The backup is read in one pass.  A side file that comes before the entries
+needing it (format 2 puts it first in every directory) is read from the
+stream; otherwise (format 1 archives) it is asked of the backup, which finds
+it in a tree or a seekable archive.  Only the side files of the directories
+on the current path are kept, so memory does not grow with their number.
+
+A backup that lost its user.fscrypt.* xattrs cannot be restored, and is
+recognised by what remains: no-key names, side files and `fscrypt:`
+symlinks without any such xattr, or an entry without a context inside an
+encrypted directory.  Every such entry is counted as not restored.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 from dataclasses import dataclass, field
 
 from ciphertextfs.fscrypt.crypto import decrypt_contents
@@ -14,19 +28,25 @@ from ciphertextfs.fscrypt.errors import FscryptError, KeyMissingError
 from ciphertextfs.fscrypt.fname import decrypt_filename, decrypt_symlink, encrypt_filename
 from ciphertextfs.fscrypt.keysetup import FileKey, derive_file_key
 from ciphertextfs.fscrypt.policy import FscryptContext
-from ciphertextfs.view.format import SIDE_FILE_NAME, XATTR_FSCRYPT_CONTEXT, parse_side_file
-
-from .backup import Backup, Entry, Kind, Path_, TreeProblem
-from .keys import KeyRing, key_label
-from .plan import (
+from ciphertextfs.viewformat import (
+    SIDE_FILE_HEADER,
+    SIDE_FILE_MAX,
+    SIDE_FILE_NAME,
+    XATTR_FSCRYPT_CONTEXT,
+    FormatError,
     FscryptAttrs,
-    RestoreProblem,
-    check_plain_name,
-    ciphertext_name,
-    fscrypt_attrs,
+    SideFile,
+    decode_side_file,
+    decode_symlink,
+    decode_xattrs,
+    has_fscrypt_xattrs,
+    is_encrypted_symlink_target,
     original_xattrs,
-    parse_symlink_target,
 )
+
+from .backup import ArchiveDamage, Backup, Entry, Kind, Path_, TreeProblem, show_path
+from .keys import KeyRing, key_label
+from .plan import RestoreProblem, check_plain_name, ciphertext_name, looks_nokey
 from .report import Report
 from .writer import DestWriter
 
@@ -35,6 +55,15 @@ __all__ = ["Restorer", "DEFAULT_BLOCK_SIZE", "CHUNK"]
 DEFAULT_BLOCK_SIZE = 4096
 CHUNK = 4 * 1024 * 1024  # bytes read and decrypted at a time: many data units
 _ZERO = bytes(65536)
+
+_SIDE_WITHOUT_CONTEXT = (
+    "a side file with long names, but its directory has no user.fscrypt.context: "
+    "the directory's xattrs were lost (copied without rsync -X or tar --xattrs?)"
+)
+LOST_XATTRS = (
+    "this backup has lost its xattrs: was it made with rsync -a without -X, "
+    "or tar without --xattrs (at create or at extract), or cpio?"
+)
 
 
 class _MissingKey(Exception):
@@ -50,8 +79,9 @@ class _Dir:
     dest: bytes | None = None
     name_key: FileKey | None = None
     encrypted: bool = False
-    side: dict[bytes, bytes] | None = None
+    side: SideFile | None = None
     side_loaded: bool = False
+    block_size: int | None = None
     # Why the children cannot be restored: ("key", label) or ("problem", index).
     failed: tuple[str, object] | None = None
 
@@ -74,16 +104,30 @@ class Restorer:
     _links: dict[object, bytes] = field(default_factory=dict)
     _dir_problems: list[_DirProblem] = field(default_factory=list)
     _dir_xattrs: dict[bytes, dict[bytes, bytes]] = field(default_factory=dict)
+    _with_side: set[Path_] = field(default_factory=set)
+    _fscrypt_seen: bool = False
+    _evidence: int = 0
+    _nokey_restored: list[Path_] = field(default_factory=list)
 
     def run(self, *, verify: bool) -> int:
         self.writer.prepare()
-        for item in self.backup.entries():
-            if isinstance(item, TreeProblem):
-                self._fail_path(item.path, item.reason)
-                continue
-            self._entry(item)
-        for entry, failure in self.writer.finish_dirs(self._dir_xattrs):
-            self.report.problem(entry.path, f"restored without its {failure}")
+        try:
+            for item in self.backup.entries():
+                if isinstance(item, ArchiveDamage):
+                    self.report.damage(item.reason)
+                    continue
+                if isinstance(item, TreeProblem):
+                    self._fail_path(item.path, item.reason)
+                    continue
+                self._forget_sides(item.path[:-1])
+                if has_fscrypt_xattrs(item.xattrs):
+                    self._fscrypt_seen = True
+                self._entry(item)
+            self._lost_xattrs_verdict()
+        finally:
+            # Every directory restored gets its metadata, however reading ended.
+            for entry, failure in self.writer.finish_dirs(self._dir_xattrs):
+                self.report.problem(entry.path, f"restored without its {failure}")
         for p in self._dir_problems:
             self.report.problem(p.path, p.reason, p.below)
         unused = [
@@ -94,6 +138,28 @@ class Restorer:
         return self.report.finish(verify=verify, unused_keys=unused)
 
     # -- bookkeeping ------------------------------------------------------
+
+    def _forget_sides(self, parent: Path_) -> None:
+        """Drop the side files of directories the walk has left."""
+        if not self._with_side:
+            return
+        for p in [p for p in self._with_side if parent[: len(p)] != p]:
+            state = self._dirs.get(p)
+            if state is not None:
+                state.side = None
+                state.side_loaded = False
+            self._with_side.discard(p)
+
+    def _lost_xattrs_verdict(self) -> None:
+        """A tree that looks encrypted but has no user.fscrypt.* xattr at all."""
+        if self._fscrypt_seen or not (self._evidence or self._nokey_restored):
+            return
+        n = len(self._nokey_restored)
+        what = f"{n} entr{'y' if n == 1 else 'ies'} with no-key names copied as ciphertext"
+        self.report.problem((), f"{LOST_XATTRS} ({what}, counted as not restored)")
+        # Those entries were counted as restored when they went by.
+        self.report.restored -= n
+        self.report.failed += max(n - 1, 0)
 
     def _fail_path(self, path: Path_, reason: str) -> None:
         parent = self._dirs.get(path[:-1]) if path else None
@@ -133,9 +199,19 @@ class Restorer:
             if not (parent.encrypted and e.name == SIDE_FILE_NAME):
                 self._count_under(parent, e.path)
             return
-        if parent is not None and parent.encrypted and e.name == SIDE_FILE_NAME:
-            return  # the side file is read with its directory, never restored
+        if parent is not None and e.name == SIDE_FILE_NAME and e.kind is Kind.REG:
+            try:
+                e = self._side_entry(e, parent)
+            except (RestoreProblem, FormatError) as err:
+                self.report.problem(e.path, str(err))
+                return
+            except OSError as err:
+                self.report.problem(e.path, f"side file unreadable: {err.strerror or err}")
+                return
+            if e is None:
+                return  # the side file is read with its directory, never restored
         try:
+            self._check_not_lost(e, parent)
             dest = self._dest_path(e, parent)
             if e.kind is Kind.DIR:
                 self._directory(e, dest)
@@ -145,10 +221,88 @@ class Restorer:
             if e.kind is Kind.DIR:
                 self._dirs[e.path] = _Dir(failed=("key", mk.label), encrypted=_encrypted(e))
             self.report.missing_key(mk.label, e.path)
-        except (RestoreProblem, FscryptError) as err:
+        except (RestoreProblem, FscryptError, FormatError) as err:
             self._problem(e, str(err))
         except OSError as err:
             self._problem(e, f"{err.strerror or err}")
+
+    def _check_not_lost(self, e: Entry, parent: _Dir | None) -> None:
+        """Refuse what lost its context, and note what looks encrypted without one."""
+        if parent is None:
+            return
+        if e.kind is Kind.REG and e.open is None and e.link_key is not None:
+            return  # a tar hard link member: the context travels with the first name
+        has_ctx = XATTR_FSCRYPT_CONTEXT in e.xattrs
+        if parent.encrypted:
+            if not has_ctx and e.kind in (Kind.REG, Kind.DIR):
+                raise RestoreProblem(
+                    "no user.fscrypt.context inside an encrypted directory: its xattrs "
+                    "were lost (copied without rsync -X or tar --xattrs?)"
+                )
+            return
+        if e.kind is Kind.SYMLINK and e.target and is_encrypted_symlink_target(e.target):
+            self._evidence += 1
+        if looks_nokey(e.name):
+            if has_ctx:
+                raise RestoreProblem(
+                    "a no-key name in a directory without user.fscrypt.context: the "
+                    "directory's xattrs were lost (copied without rsync -X or tar --xattrs?)"
+                )
+            self._nokey_restored.append(e.path)
+
+    def _side_entry(self, e: Entry, parent: _Dir) -> Entry | None:
+        """Read a side file from the stream; None when it is one, else the entry to restore.
+
+        In an unencrypted directory the name is an ordinary user file unless
+        it starts with the format-2 header (long symlinks renamed out of
+        their directory); a format-1 side file there means the directory
+        lost its context.
+        """
+        if e.size > SIDE_FILE_MAX:
+            raise RestoreProblem(f"side file of {e.size} bytes is too large")
+        assert e.open is not None
+        src = e.open()
+        try:
+            head = _read_up_to(src, len(SIDE_FILE_HEADER))
+            if not parent.encrypted and head != SIDE_FILE_HEADER:
+                if e.size > 65536:
+                    keep, src = src, None
+                    return dataclasses.replace(e, open=lambda: _Prefixed(head, keep))
+                data = head + src.read(SIDE_FILE_MAX)
+                side = decode_side_file(data)
+                if side.names and not side.damaged:
+                    self._evidence += 1
+                    raise RestoreProblem(_SIDE_WITHOUT_CONTEXT)
+                return dataclasses.replace(e, open=lambda: io.BytesIO(data))
+            data = head + src.read(SIDE_FILE_MAX + 1 - len(head))
+        finally:
+            if src is not None:
+                src.close()
+        side = decode_side_file(data)
+        if not parent.side_loaded or parent.side is None:
+            parent.side = side
+            parent.side_loaded = True
+            self._with_side.add(e.path[:-1])
+        if not parent.encrypted:
+            self._evidence += 1
+            if side.names:
+                raise RestoreProblem(_SIDE_WITHOUT_CONTEXT)
+        if side.damaged:
+            raise RestoreProblem(
+                f"damaged side file: {side.damaged} unreadable line"
+                f"{'' if side.damaged == 1 else 's'}; the entries that need them are "
+                "reported on their own"
+            )
+        return None
+
+    def _side(self, path: Path_, state: _Dir) -> SideFile | None:
+        """The side file of a directory: from the stream, else asked of the backup."""
+        if not state.side_loaded:
+            state.side_loaded = True
+            data = self.backup.side_file(path)
+            state.side = decode_side_file(data) if data is not None else None
+            self._with_side.add(path)
+        return state.side
 
     def _problem(self, e: Entry, reason: str) -> None:
         if e.kind is Kind.DIR:
@@ -163,11 +317,7 @@ class Restorer:
         assert parent.dest is not None
         if not parent.encrypted:
             return self.writer.path(parent.dest, e.name)
-        if not parent.side_loaded:
-            parent.side_loaded = True
-            data = self.backup.side_file(e.path[:-1])
-            parent.side = parse_side_file(data) if data is not None else None
-        ct = ciphertext_name(e.name, parent.side)
+        ct = _long_name(e.name, lambda: self._side(e.path[:-1], parent))
         assert parent.name_key is not None
         try:
             plain = decrypt_filename(parent.name_key, ct)
@@ -207,9 +357,11 @@ class Restorer:
             raise RestoreProblem(f"{key_label(ctx)}: {err}") from None
 
     def _directory(self, e: Entry, dest: bytes) -> None:
-        attrs = fscrypt_attrs(e.xattrs, regular=False)
-        state = _Dir(dest=dest)
-        if attrs is not None:
+        attrs = decode_xattrs(e.xattrs, regular=False)
+        parent = self._dirs.get(e.path[:-1]) if e.path else None
+        inherited = parent.block_size if parent is not None else None
+        state = _Dir(dest=dest, block_size=attrs.block_size or inherited)
+        if attrs.context is not None:
             state.encrypted = True
             state.name_key = self._key(
                 attrs.context, ino=attrs.ino, fs_uuid=attrs.fs_uuid, names=True
@@ -224,6 +376,9 @@ class Restorer:
             self.writer.link(self._links[e.link_key], dest)
             self.report.done()
             return
+        if e.kind is Kind.REG and e.open is None:
+            target = show_path(e.link_key[1]) if isinstance(e.link_key, tuple) else "?"
+            raise RestoreProblem(f"hard link to {target}, which was not restored")
         nbytes = 0
         if e.kind is Kind.REG:
             nbytes = self._regular(e, dest)
@@ -244,15 +399,17 @@ class Restorer:
         assert e.target is not None
         parent = self._dirs.get(e.path[:-1])
         inside = parent is not None and parent.encrypted
-        if not inside:
-            # An encrypted symlink can be renamed out of its directory; a plain
-            # target that merely looks like the format keeps its text.
-            try:
-                link = parse_symlink_target(e.target)
-            except RestoreProblem:
+        if not is_encrypted_symlink_target(e.target) and not inside:
+            return e.target
+        try:
+            side = self._side(e.path[:-1], parent) if parent is not None else None
+            link = decode_symlink(e.target, side)
+        except FormatError as err:
+            if not inside:
+                # An encrypted symlink can be renamed out of its directory; a
+                # plain target that merely looks like the format keeps its text.
                 return e.target
-        else:
-            link = parse_symlink_target(e.target)
+            raise RestoreProblem(f"encrypted symlink: {err}") from None
         key = self._key(link.context, ino=link.ino, fs_uuid=link.fs_uuid, names=True)
         try:
             target = decrypt_symlink(key, link.ciphertext)
@@ -263,8 +420,8 @@ class Restorer:
         return target
 
     def _regular(self, e: Entry, dest: bytes) -> int:
-        attrs = fscrypt_attrs(e.xattrs, regular=True)
-        if attrs is None:
+        attrs = decode_xattrs(e.xattrs, regular=True)
+        if attrs.context is None:
             return self._copy(e, dest)
         return self._decrypt(e, dest, attrs)
 
@@ -305,9 +462,10 @@ class Restorer:
 
     def _decrypt(self, e: Entry, dest: bytes, attrs: FscryptAttrs) -> int:
         """Stream the ciphertext through the file key; all-zero units stay holes."""
-        assert e.open is not None and attrs.size is not None
+        assert e.open is not None and attrs.size is not None and attrs.context is not None
         ctx = attrs.context
-        block_size = attrs.block_size or self.block_size
+        parent = self._dirs.get(e.path[:-1])
+        block_size = attrs.block_size or (parent and parent.block_size) or self.block_size
         size = attrs.size
         try:
             need = ctx.ciphertext_size(size, block_size)
@@ -387,3 +545,50 @@ def _read_exact(src, n: int) -> bytes:
         parts.append(b)
         n -= len(b)
     return b"".join(parts)
+
+
+def _long_name(name: bytes, side) -> bytes:
+    """The ciphertext of a no-key name; the side file is fetched only for a long one."""
+    try:
+        return ciphertext_name(name, None)
+    except RestoreProblem:
+        loaded = side()
+        if loaded is None:
+            raise
+        return ciphertext_name(name, loaded)
+
+
+def _read_up_to(src, n: int) -> bytes:
+    parts = []
+    while n > 0:
+        b = src.read(n)
+        if not b:
+            break
+        parts.append(b)
+        n -= len(b)
+    return b"".join(parts)
+
+
+class _Prefixed:
+    """A reader that gives back bytes already read, then the rest of `src`."""
+
+    def __init__(self, head: bytes, src) -> None:
+        self.head, self.src = head, src
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            out, self.head = self.head[:n] if n >= 0 else self.head, b""
+            if n >= 0 and len(out) < n:
+                out += self.src.read(n - len(out))
+            elif n < 0:
+                out += self.src.read()
+            return out
+        return self.src.read(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        close = getattr(self.src, "close", None)
+        if close is not None:
+            close()

@@ -18,17 +18,9 @@ from dataclasses import dataclass
 
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
+from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
 from ciphertextfs.fscrypt.policy import FscryptContext, FscryptError, parse_context
 from ciphertextfs.lru import LRU
-from ciphertextfs.view.format import (
-    SIDE_FILE_NAME,
-    XATTR_FSCRYPT_BLOCK_SIZE,
-    XATTR_FSCRYPT_CONTEXT,
-    XATTR_FSCRYPT_FS_UUID,
-    XATTR_FSCRYPT_INO,
-    XATTR_FSCRYPT_SIZE,
-    symlink_target,
-)
 from ciphertextfs.view.names import (
     Entry,
     Listing,
@@ -37,7 +29,9 @@ from ciphertextfs.view.names import (
     side_file_ino,
 )
 from ciphertextfs.view.readahead import ReadAhead, is_small
+from ciphertextfs.view.symlinks import view_target
 from ciphertextfs.view.xattrs import fscrypt_context_raw, passthrough_xattrs
+from ciphertextfs.viewformat import SIDE_FILE_NAME, encode_dir_xattrs, encode_inode_xattrs
 
 __all__ = ["Attr", "Entry", "View", "ViewNoAttr", "ViewNotFound", "SIDE_FILE_NAME"]
 
@@ -84,24 +78,6 @@ class Node:
     context_raw: bytes | None
 
 
-def encrypted_symlink_target(ctx_raw: bytes, body: bytes, extra: tuple[int, bytes] | None) -> bytes:
-    """The view's target for an encrypted symlink (docs/FORMAT.md).
-
-    `body` is the on-disk symlink body: a little-endian 16-bit ciphertext
-    length, then the ciphertext.  `extra` is (inode number, fs uuid) for
-    policies that bind the ciphertext to them.
-    """
-    if len(body) < 2:
-        raise FscryptError("encrypted symlink body shorter than its length field")
-    ct_len = int.from_bytes(body[:2], "little")
-    if ct_len == 0 or ct_len > len(body) - 2:
-        raise FscryptError(f"encrypted symlink: ciphertext length {ct_len} out of range")
-    try:
-        return symlink_target(ctx_raw, body[2 : 2 + ct_len], extra)
-    except ValueError as e:
-        raise FscryptError(str(e)) from None
-
-
 class View:
     """The ciphertext view of one ext4 tree rooted at `root_ino`."""
 
@@ -126,6 +102,8 @@ class View:
         self._ahead = ReadAhead(fs, self.attr, self._inode, self._listings.get)
         self._lock = threading.Lock()
         self._stamp = time.monotonic()
+        self._encrypting = fs.sb.has_incompat(INCOMPAT_ENCRYPT)
+        """Every directory then carries the block size, for any subtree's backup."""
 
     # -- caching ------------------------------------------------------------
 
@@ -182,21 +160,24 @@ class View:
         xattrs = passthrough_xattrs(on_disk, ino)
         context = raw = None
         size = inode.i_size
+        if inode.is_dir and (inode.is_encrypted or self._encrypting):
+            xattrs.update(encode_dir_xattrs(self.fs.block_size))
         if inode.is_encrypted:
             raw = fscrypt_context_raw(on_disk)
             if raw is None:
                 raise FscryptError(f"inode {ino}: encrypted but has no fscrypt context")
             context = parse_context(raw)
-            xattrs[XATTR_FSCRYPT_CONTEXT] = raw
-            if context.needs_inode_number:
-                xattrs[XATTR_FSCRYPT_INO] = str(ino).encode("ascii")
-                xattrs[XATTR_FSCRYPT_FS_UUID] = self.fs.uuid.hex().encode("ascii")
+            xattrs.update(
+                encode_inode_xattrs(
+                    raw,
+                    binding=(ino, self.fs.uuid) if context.needs_inode_number else None,
+                    size=inode.i_size if inode.is_reg else None,
+                )
+            )
             if inode.is_reg:
-                xattrs[XATTR_FSCRYPT_SIZE] = str(inode.i_size).encode("ascii")
-                xattrs[XATTR_FSCRYPT_BLOCK_SIZE] = str(self.fs.block_size).encode("ascii")
                 size = context.ciphertext_size(inode.i_size, self.fs.block_size)
             elif inode.is_symlink:
-                size = len(self._symlink_target(inode, raw, context))
+                size = len(view_target(self.fs, inode)[0])
             if not (inode.is_reg or inode.is_dir):
                 # Linux allows user.* xattrs only on files and directories;
                 # symlinks carry theirs in the target.
@@ -242,10 +223,6 @@ class View:
         )
         return Node(attr, {}, None, None)
 
-    def _symlink_target(self, inode: Inode, ctx_raw: bytes, context: FscryptContext) -> bytes:
-        extra = (inode.ino, self.fs.uuid) if context.needs_inode_number else None
-        return encrypted_symlink_target(ctx_raw, self.fs.symlink_body(inode), extra)
-
     # -- the API the adapter uses ---------------------------------------------
 
     def attr(self, ino: int) -> Attr:
@@ -274,8 +251,8 @@ class View:
         inode = self._inode(ino)
         if not inode.is_symlink:
             raise ViewNotFound(ino)
-        if node.context is not None and node.context_raw is not None:
-            return self._symlink_target(inode, node.context_raw, node.context)
+        if node.context is not None:
+            return view_target(self.fs, inode)[0]
         return self.fs.symlink_body(inode)
 
     def read(self, ino: int, offset: int, length: int) -> bytes:

@@ -10,7 +10,10 @@ directories).
 
 No-key names of ciphertext names longer than 149 bytes keep only a SHA-256
 of the tail, so the full names of such entries go into one side file per
-directory (see docs/FORMAT.md).
+directory (see docs/FORMAT.md), together with the targets of encrypted
+symlinks too long for a view target.  The side file is the first entry of
+the listing, so that tar, bsdtar and cp write it before the entries that
+need it and a restore reads an archive in one pass.
 """
 
 from __future__ import annotations
@@ -18,11 +21,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ciphertextfs.ext4.dirhash import dx_hash_version, ext4fs_dirhash
+from ciphertextfs.ext4.dirent import EXT4_FT_SYMLINK, EXT4_FT_UNKNOWN
+from ciphertextfs.ext4.errors import CorruptError
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
+from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
+from ciphertextfs.fscrypt.errors import FscryptError
 from ciphertextfs.fscrypt.nokey import nokey_name
-from ciphertextfs.view.format import SIDE_FILE_NAME, side_file_text
+from ciphertextfs.view.symlinks import view_target
+from ciphertextfs.viewformat import SIDE_FILE_NAME, encode_side_file
 
 log = logging.getLogger("ciphertextfs")
 
@@ -58,24 +65,6 @@ def is_side_ino(ino: int) -> bool:
     return ino >= SIDE_INO_BASE
 
 
-def _hash_rule(fs: Filesystem, dir_inode: Inode):
-    """Return how the kernel's readdir hashes this directory's names.
-
-    The kernel's is_dx_dir() decides: a directory read through the htree
-    code gets hashes, one read linearly gets zeros.  An indexed directory
-    hashes with the version in its dx_root, any other with the superblock's
-    default; both honour the unsigned-char flag.
-    """
-    if dir_inode.is_casefold:
-        return "stored", 0
-    if not fs.is_dx_dir(dir_inode):
-        return "zero", 0
-    version = fs.dx_root_hash_version(dir_inode)
-    if version is None:
-        version = fs.sb.s_def_hash_version
-    return "computed", dx_hash_version(version, fs.sb.s_flags)
-
-
 def list_directory(fs: Filesystem, dir_inode: Inode, dir_ino: int) -> Listing:
     """Build the view's listing of one directory.
 
@@ -86,31 +75,59 @@ def list_directory(fs: Filesystem, dir_inode: Inode, dir_ino: int) -> Listing:
     raw = fs.read_dir(dir_inode)
     entries: list[Entry] = []
     by_name: dict[bytes, int] = {}
-    long_names: list[tuple[str, bytes]] = []
+    long_names: list[tuple[bytes, bytes]] = []
 
     if dir_inode.is_encrypted:
-        rule, version = _hash_rule(fs, dir_inode)
-        seed = fs.sb.s_hash_seed
+        readdir_hash = fs.readdir_hash(dir_inode)
         for de in raw:
-            if rule == "stored":
-                h, minor = de.hash or 0, de.minor_hash or 0
-            elif rule == "computed":
-                h, minor = ext4fs_dirhash(de.name, version, seed)
-            else:
-                h, minor = 0, 0
-            name = nokey_name(de.name, h, minor)
+            name = nokey_name(de.name, *readdir_hash(de)).encode("ascii")
             if len(de.name) > FSCRYPT_NOKEY_PREFIX_LEN:
                 long_names.append((name, de.name))
-            _add(entries, by_name, name.encode("ascii"), de.inode, dir_ino)
+            _add(entries, by_name, name, de.inode, dir_ino)
     else:
         for de in raw:
             _add(entries, by_name, _presentable(de.name, dir_ino), de.inode, dir_ino)
+    long_links = _long_symlinks(fs, raw)
 
     side = None
-    if long_names:
-        side = side_file_text(long_names)
-        _add(entries, by_name, SIDE_FILE_NAME, side_file_ino(dir_ino), dir_ino)
+    if long_names or long_links:
+        side = encode_side_file(long_names, long_links)
+        if SIDE_FILE_NAME in by_name:
+            # Only an unencrypted directory can hold that name itself.
+            log.error(
+                "directory inode %d: holds a %s of its own; the long encrypted symlinks "
+                "in it cannot be restored",
+                dir_ino,
+                SIDE_FILE_NAME.decode(),
+            )
+            side = None
+        else:
+            by_name[SIDE_FILE_NAME] = side_file_ino(dir_ino)
+            entries.insert(0, Entry(SIDE_FILE_NAME, side_file_ino(dir_ino)))
     return Listing(tuple(entries), by_name, side)
+
+
+def _long_symlinks(fs: Filesystem, raw: list) -> dict[int, bytes]:
+    """Inline targets of the encrypted symlinks too long for a view target, by inode.
+
+    A symlink that cannot be read is left out: it answers EIO on its own.
+    """
+    out: dict[int, bytes] = {}
+    if not fs.sb.has_incompat(INCOMPAT_ENCRYPT):
+        return out
+    for de in raw:
+        if de.file_type not in (EXT4_FT_SYMLINK, EXT4_FT_UNKNOWN) or de.inode in out:
+            continue
+        try:
+            inode = fs.inode(de.inode)
+            if not (inode.is_symlink and inode.is_encrypted):
+                continue
+            _target, inline = view_target(fs, inode)
+        except (CorruptError, FscryptError):
+            continue
+        if inline is not None:
+            out[de.inode] = inline
+    return out
 
 
 def _presentable(name: bytes, dir_ino: int) -> bytes:

@@ -14,7 +14,7 @@ import struct
 
 from ciphertextfs.ext4.errors import CorruptError
 from ciphertextfs.ext4.xattr import Xattr
-from ciphertextfs.view.format import XATTR_FSCRYPT_PREFIX
+from ciphertextfs.viewformat import XATTR_FSCRYPT_PREFIX
 
 log = logging.getLogger("ciphertextfs")
 
