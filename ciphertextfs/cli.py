@@ -16,7 +16,7 @@ from ciphertextfs import __version__
 from ciphertextfs.commands import PROG, CommandError
 from ciphertextfs.commands.mount import helper_argv
 
-COMMANDS = ("mount", "decrypt", "restore_image", "inspect", "demo")
+COMMANDS = ("mount", "decrypt", "restore_image", "keys", "inspect", "demo")
 #: What each command is called on the command line: its module name, with "-" for "_".
 COMMAND_NAMES = tuple(name.replace("_", "-") for name in COMMANDS)
 

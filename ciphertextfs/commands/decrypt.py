@@ -28,7 +28,9 @@ is reported ("damaged archive: ...") and the rest is restored.
 DEST must not exist or be an empty directory; it may lie in an unlocked
 fscrypt-encrypted directory (the kernel re-encrypts).
 
-Key files hold a raw 64-byte master key.  v2 policies find their key by
+With the fscrypt tool's secrets (see below and 'ciphertextfs keys'), the
+master keys are unlocked from the fscrypt metadata in the backup.  Raw key
+files (--key) hold a 64-byte master key.  v2 policies find their key by
 its identifier; v1 policies by the descriptor given with --v1-key, or else
 by the descriptor e4crypt/fscrypt derive from the key.
 
@@ -88,6 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="DESCRIPTOR=FILE",
         help="v1 master key for the 16-hex-digit key descriptor (repeatable)",
     )
+    from ciphertextfs.commands.keys import add_secret_options
+
+    add_secret_options(p)
     p.add_argument(
         "--verify",
         action="store_true",
@@ -140,8 +145,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ciphertextfs.commands.keys import has_secrets, keyring_from_args
     from ciphertextfs.restore.backup import BackupError, open_backup
-    from ciphertextfs.restore.keys import KeyFileError, KeyRing
+    from ciphertextfs.restore.fscrypt_metadata import WithoutMetadataEntry
     from ciphertextfs.restore.report import EXIT_FATAL, Report
     from ciphertextfs.restore.restorer import Restorer
     from ciphertextfs.restore.writer import DestError, DestWriter, Privileges
@@ -150,24 +156,28 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--verify takes SOURCE only, no DEST", EXIT_FATAL)
     if not args.verify and args.dest is None:
         raise CommandError("DEST is required (or use --verify)", EXIT_FATAL)
-    if not args.key and not args.v1_key:
-        raise CommandError("give at least one --key or --v1-key", EXIT_FATAL)
+    if not args.key and not args.v1_key and not has_secrets(args):
+        raise CommandError(
+            "give a secret: --passphrase-file, --ask-passphrase, --protector-key, --key or "
+            "--v1-key (run 'ciphertextfs keys SOURCE' to see what opens this backup)",
+            EXIT_FATAL,
+        )
     bs = args.block_size
     if bs < 1024 or bs > 65536 or bs & (bs - 1):
         raise CommandError(f"--block-size {bs}: not a power of two from 1024 to 65536", EXIT_FATAL)
-    try:
-        keys = KeyRing.from_args(args.key, args.v1_key)
-    except KeyFileError as e:
-        raise CommandError(str(e), EXIT_FATAL) from None
     if args.dest is not None and dest_inside(args.source, args.dest):
         raise CommandError(f"DEST {args.dest} lies inside SOURCE {args.source}", EXIT_FATAL)
+    report = Report(stream=sys.stderr, quiet=args.quiet, progress=sys.stderr.isatty())
+    keys = keyring_from_args(args, report.note, verbose=not args.quiet)
     if args.source == "-" and sys.stdin.isatty():
         raise CommandError("refusing to read an archive from a terminal (SOURCE is -)", EXIT_FATAL)
     try:
-        backup = open_backup(args.source, stdin=sys.stdin.buffer)
+        meta = getattr(keys.resolver, "meta", None)
+        backup = WithoutMetadataEntry(
+            open_backup(args.source, stdin=sys.stdin.buffer), report.note, meta
+        )
     except BackupError as e:
         raise CommandError(str(e), EXIT_FATAL) from None
-    report = Report(stream=sys.stderr, quiet=args.quiet, progress=sys.stderr.isatty())
     privileges = Privileges(
         owner=args.owner,
         setid=args.setid,

@@ -180,6 +180,20 @@ def register(subparsers: Any) -> None:
         help="in the background, append warnings (damaged inodes, read errors) and the "
         "summary at unmount to FILE instead of syslog",
     )
+    p.add_argument(
+        "--fscrypt-linked",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="the .fscrypt directory of the filesystem that SOURCE's .link protectors name "
+        "(usually /.fscrypt, where login protectors live): the protector files they name are "
+        "added to the view's fscrypt metadata entry (repeatable)",
+    )
+    p.add_argument(
+        "--no-fscrypt-metadata",
+        action="store_true",
+        help="do not add the fscrypt metadata entry (.ciphertextfs-fscrypt) to the view's root",
+    )
     p.add_argument("source", metavar="SOURCE", help="ext4 block device, image file or directory")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory, not in use")
     p.set_defaults(run=run)
@@ -297,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.source}: inode {source.root_ino} is not a directory")
     for warning in getattr(fs, "warnings", [])[:5]:
         print(f"{PROG}: warning: {args.source}: {warning}", file=sys.stderr)
+    view = with_fscrypt_metadata(view, fs, source.root_ino, args)
 
     ops = CiphertextOperations(view, fs.sb, statvfs_path=source.directory)
     opts = fuse_options(
@@ -321,6 +336,24 @@ def log_summary(ops: Any, mountpoint: str) -> None:
         s.errors,
     )
     mountlog.finish(log)
+
+
+def with_fscrypt_metadata(view: Any, fs: Any, root_ino: int, args: argparse.Namespace) -> Any:
+    """The view with its fscrypt metadata entry (docs/FORMAT.md), and what backups would lack."""
+    from ciphertextfs.view.metadata_view import MetadataCollision, MetadataView, collect
+
+    for path in args.fscrypt_linked:
+        if not os.path.isdir(path):
+            raise CommandError(f"--fscrypt-linked {path}: not a directory", 2)
+    got = collect(fs, root_ino, args.fscrypt_linked, disabled=args.no_fscrypt_metadata)
+    for warning in got.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    if got.entry is None:
+        return view
+    try:
+        return MetadataView(view, got.entry)
+    except MetadataCollision as e:
+        raise CommandError(f"{args.source}: {e}") from None
 
 
 def serve_foreground(ops: Any, mountpoint: str, opts: set[str]) -> int:

@@ -4,11 +4,16 @@ v2 contexts name their key by the identifier the kernel derives from the
 key itself, so matching is exact.  v1 contexts name it by an arbitrary
 8-byte descriptor: the one given on the command line, or else the
 conventional descriptor e4crypt and fscrypt derive from the key.
+
+A key not given as a raw master key may still be unlocked from fscrypt
+metadata (restore/fscrypt_metadata.py): the ring asks its `resolver` once
+per key the restore needs.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ciphertextfs.fscrypt.keysetup import MasterKey
@@ -27,16 +32,26 @@ class KeyFileError(Exception):
 
 
 def load_key_file(path: str) -> MasterKey:
-    """Read a raw master key (64 bytes as the fscrypt tool writes them)."""
+    """Read a raw 64-byte master key.
+
+    The fscrypt tool never writes one (its raw_key protector files hold a
+    32-byte protector key, see --protector-key); these come from e4crypt-style
+    setups, `--save-keys`, or a key added with FS_IOC_ADD_ENCRYPTION_KEY.
+    """
     try:
         with open(path, "rb") as f:
             raw = f.read(FSCRYPT_MAX_KEY_SIZE + 1)
     except OSError as e:
         raise KeyFileError(f"key file {path}: {e.strerror}") from None
     if len(raw) != FSCRYPT_MAX_KEY_SIZE:
+        hint = ""
+        if len(raw) == 32:
+            hint = " (a 32-byte fscrypt raw_key protector file goes to --protector-key)"
+        elif len(raw) < 32:
+            hint = " (an fscrypt passphrase goes to --passphrase-file)"
         raise KeyFileError(
             f"key file {path}: {len(raw) if len(raw) <= FSCRYPT_MAX_KEY_SIZE else 'over 64'} "
-            f"bytes, expected a raw {FSCRYPT_MAX_KEY_SIZE}-byte master key"
+            f"bytes, expected a raw {FSCRYPT_MAX_KEY_SIZE}-byte master key{hint}"
         )
     return MasterKey(raw)
 
@@ -70,6 +85,8 @@ class KeyRing:
     v1: dict[bytes, MasterKey] = field(default_factory=dict)
     sources: dict[int, str] = field(default_factory=dict)
     used: set[int] = field(default_factory=set)
+    resolver: Callable[[FscryptContext], MasterKey | None] | None = None
+    _resolved: dict[tuple[int, bytes], MasterKey | None] = field(default_factory=dict)
 
     def add(self, key: MasterKey, source: str, v1_descriptor: bytes | None = None) -> None:
         """A --key file serves v2 by identifier and v1 by its conventional descriptor."""
@@ -93,6 +110,12 @@ class KeyRing:
     def lookup(self, ctx: FscryptContext) -> MasterKey | None:
         table = self.v1 if ctx.version == FSCRYPT_CONTEXT_V1 else self.v2
         key = table.get(ctx.key_spec)
+        if key is None and self.resolver is not None:
+            spec = (ctx.version, ctx.key_spec)
+            if spec not in self._resolved:
+                self._resolved[spec] = self.resolver(ctx)
+            key = self._resolved[spec]
+            return key
         if key is not None:
             self.used.add(id(key))
         return key

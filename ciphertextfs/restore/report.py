@@ -49,6 +49,10 @@ class Report:
     problems: list[tuple[Path_, str]] = field(default_factory=list)
     missing_keys: dict[str, _MissingKey] = field(default_factory=dict)
     signum: int | None = None
+    missing_hint: str = (
+        "run 'ciphertextfs keys SOURCE' to see which fscrypt passphrase, login passphrase or "
+        "protector key file opens each key above"
+    )
     _start: float = field(default_factory=time.monotonic)
     _last_draw: float = 0.0
     _drawn: bool = False
@@ -137,6 +141,8 @@ class Report:
                 f"{PROG}: missing key: {label}: {n} entr{'y' if n == 1 else 'ies'} "
                 f"not restored (e.g. {show_path(m.example)})"
             )
+        if self.missing_keys and self.missing_hint:
+            self.note(self.missing_hint)
         for text in unused_keys:
             self.note(text)
         self._clear()
