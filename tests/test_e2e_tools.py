@@ -285,11 +285,6 @@ def test_copy_decrypts_to_the_original(
     got = walk(tmp_path / "dest")
     assert sorted(got) == sorted(source.plain)
     for rel, node in source.plain.items():
-        if copy == "bsdtar":
-            # bsdtar keeps ACLs as SCHILY.acl.* text records, which the archive
-            # reader does not turn back into system.posix_acl_* yet.
-            node = _without(node, ("system.posix_acl_",))
-            got[rel] = _without(got[rel], ("system.posix_acl_",))
         if copy == "rsync -aHAX onto xfs":
             # rsync drops default ACLs onto XFS, from any source directory, and
             # copies XFS's own trusted.SGI_ACL_* copies of the ACLs.

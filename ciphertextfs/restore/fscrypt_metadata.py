@@ -38,18 +38,16 @@ from ciphertextfs.fscrypt.protector import (
     unlock_protector,
     wrapping_key,
 )
-from ciphertextfs.view.metadata_entry import (
+from ciphertextfs.viewformat import (
     FSCRYPT_DIR_NAME,
     META_DIR_NAME,
     META_LINKED,
     META_MARK_VALUE,
     META_POLICIES,
     META_PROTECTORS,
-    XATTR_META_MARK,
-)
-from ciphertextfs.viewformat import (
     SYMLINK_PREFIX,
     XATTR_FSCRYPT_CONTEXT,
+    XATTR_META_MARK,
     FormatError,
     decode_symlink_inline,
 )

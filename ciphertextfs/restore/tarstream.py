@@ -39,6 +39,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from ciphertextfs import posix_acl
+
 __all__ = [
     "BLOCK",
     "Member",
@@ -313,6 +315,12 @@ def _url_decode(raw: bytes) -> bytes:
     return bytes(out)
 
 
+_SCHILY_ACLS = (
+    (b"SCHILY.acl.access", b"system.posix_acl_access"),
+    (b"SCHILY.acl.default", b"system.posix_acl_default"),
+)
+
+
 def pax_xattrs(pax: dict[bytes, bytes]) -> dict[bytes, bytes]:
     """Extended attributes of a member from its pax records.
 
@@ -333,6 +341,13 @@ def pax_xattrs(pax: dict[bytes, bytes]) -> dict[bytes, bytes]:
                 raise HeaderError(f"xattr {name[:64]!r}: bad base64 value") from None
     for name, value in lib.items():
         out.setdefault(name, value)
+    # bsdtar keeps ACLs only as acl(5) text; GNU tar writes the binary xattr too, which wins.
+    for key, name in _SCHILY_ACLS:
+        if key in pax and name not in out:
+            try:
+                out[name] = posix_acl.from_text(pax[key])
+            except posix_acl.AclError as e:
+                raise HeaderError(f"{key.decode()}: {e}") from None
     for name in out:
         if not name or b"\0" in name:
             raise HeaderError(f"xattr name {name[:64]!r} is empty or holds a NUL")

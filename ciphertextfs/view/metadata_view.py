@@ -31,7 +31,9 @@ from ciphertextfs.fscrypt.protector import (
     parse_policy,
     parse_protector,
 )
-from ciphertextfs.view.metadata_entry import (
+from ciphertextfs.view.model import Attr, View, ViewNoAttr, ViewNotFound
+from ciphertextfs.view.names import Entry
+from ciphertextfs.viewformat import (
     FSCRYPT_DIR_NAME,
     META_DIR_NAME,
     META_LINKED,
@@ -40,8 +42,6 @@ from ciphertextfs.view.metadata_entry import (
     META_PROTECTORS,
     XATTR_META_MARK,
 )
-from ciphertextfs.view.model import Attr, View, ViewNoAttr, ViewNotFound
-from ciphertextfs.view.names import Entry
 
 __all__ = [
     "META_INO_BASE",

@@ -14,6 +14,17 @@ import struct
 
 from ciphertextfs.ext4.errors import CorruptError
 from ciphertextfs.ext4.xattr import Xattr
+from ciphertextfs.posix_acl import (
+    ACL_GROUP,
+    ACL_GROUP_OBJ,
+    ACL_MASK,
+    ACL_MAX_ENTRIES,
+    ACL_OTHER,
+    ACL_UNDEFINED_ID,
+    ACL_USER,
+    ACL_USER_OBJ,
+    POSIX_ACL_XATTR_VERSION,
+)
 from ciphertextfs.viewformat import XATTR_FSCRYPT_PREFIX
 
 log = logging.getLogger("ciphertextfs")
@@ -40,17 +51,9 @@ ACL_NAMES = {
 
 
 EXT4_ACL_VERSION = 0x0001
-POSIX_ACL_XATTR_VERSION = 0x0002
-ACL_USER_OBJ = 0x01
-ACL_USER = 0x02
-ACL_GROUP_OBJ = 0x04
-ACL_GROUP = 0x08
-ACL_MASK = 0x10
-ACL_OTHER = 0x20
-ACL_UNDEFINED_ID = 0xFFFFFFFF
 _ACL_SHORT_TAGS = (ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER)
 _ACL_FULL_TAGS = (ACL_USER, ACL_GROUP)
-_ACL_MAX_ENTRIES = 8192
+_ACL_MAX_ENTRIES = ACL_MAX_ENTRIES
 
 
 def ext4_acl_to_posix(value: bytes) -> bytes:
