@@ -23,6 +23,7 @@ __all__ = [
     "ACL_UNDEFINED_ID",
     "ACL_MAX_ENTRIES",
     "from_text",
+    "is_minimal",
 ]
 
 POSIX_ACL_XATTR_VERSION = 0x0002
@@ -102,3 +103,12 @@ def from_text(text: bytes) -> bytes:
     return struct.pack("<I", POSIX_ACL_XATTR_VERSION) + b"".join(
         struct.pack("<HHI", t, p, i) for t, p, i in entries
     )
+
+
+def is_minimal(value: bytes) -> bool:
+    """Whether an ACL holds only owner, group and other: the mode bits, nothing more.
+
+    The kernel keeps no access ACL xattr of that kind (setting one only sets
+    the mode), so such a text record describes a file that has no ACL.
+    """
+    return len(value) == 4 + 3 * 8

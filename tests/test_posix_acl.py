@@ -112,3 +112,14 @@ def test_bad_text_is_refused(text: bytes) -> None:
 def test_named_qualifier_uses_the_numeric_id_libarchive_appends() -> None:
     value = posix_acl.from_text(b"user::rw-,user:alice:r-x:1001,group::r--,mask::r-x,other::---")
     assert value == posix_acl.from_text(b"u::rw-,u:1001:r-x,g::r--,m::r-x,o::---")
+
+
+def test_minimal_access_acl_is_only_the_mode() -> None:
+    """GNU tar writes SCHILY.acl.access for a directory with only a default ACL."""
+    pax = {
+        b"SCHILY.acl.access": b"user::rwx,group::r-x,other::r-x",
+        b"SCHILY.acl.default": b"user::rwx,group::r-x,other::r-x",
+    }
+    got = pax_xattrs(pax)
+    assert b"system.posix_acl_access" not in got
+    assert posix_acl.is_minimal(got[b"system.posix_acl_default"])

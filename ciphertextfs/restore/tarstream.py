@@ -345,9 +345,13 @@ def pax_xattrs(pax: dict[bytes, bytes]) -> dict[bytes, bytes]:
     for key, name in _SCHILY_ACLS:
         if key in pax and name not in out:
             try:
-                out[name] = posix_acl.from_text(pax[key])
+                value = posix_acl.from_text(pax[key])
             except posix_acl.AclError as e:
                 raise HeaderError(f"{key.decode()}: {e}") from None
+            # A minimal access ACL is only the mode bits: GNU tar writes one for
+            # every file with a default ACL, where the file itself has none.
+            if not (name == b"system.posix_acl_access" and posix_acl.is_minimal(value)):
+                out[name] = value
     for name in out:
         if not name or b"\0" in name:
             raise HeaderError(f"xattr name {name[:64]!r} is empty or holds a NUL")
