@@ -51,10 +51,8 @@ def is_mounted(mountpoint: Path) -> bool:
     return False
 
 
-def daemon_pids(mountpoint: Path) -> list[int]:
-    """Live processes serving `mountpoint`: `ciphertextfs mount ... MOUNTPOINT`."""
-    wanted = os.fspath(mountpoint).encode()
-    found = []
+def live_processes() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of every process that is neither a zombie nor gone."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -65,11 +63,21 @@ def daemon_pids(mountpoint: Path) -> list[int]:
                 state = f.read().rsplit(b")", 1)[1].split()[0]
         except OSError:
             continue
-        if state in (b"Z", b"X") or len(argv) < 2:
-            continue
-        if b"ciphertextfs.cli" in argv and b"mount" in argv and argv[-1] == wanted:
-            found.append(int(entry))
-    return found
+        if state not in (b"Z", b"X"):
+            yield int(entry), argv
+
+
+def daemon_pids(mountpoint: Path) -> list[int]:
+    """Live processes serving `mountpoint`: `ciphertextfs mount ... MOUNTPOINT`."""
+    wanted = os.fspath(mountpoint).encode()
+    return [
+        pid
+        for pid, argv in live_processes()
+        if len(argv) >= 2
+        and b"ciphertextfs.cli" in argv
+        and b"mount" in argv
+        and argv[-1] == wanted
+    ]
 
 
 def _task_states(pid: int) -> list[bytes]:

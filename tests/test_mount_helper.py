@@ -21,7 +21,7 @@ import pytest
 from ciphertextfs.commands import CommandError
 from ciphertextfs.commands.mount import helper_argv, parse_options
 from tests import harness
-from tests.harness_view import is_mounted, stop_view, wait_gone
+from tests.harness_view import is_mounted, live_processes, stop_view, wait_gone
 
 #: The PATH mount.fuse3 gives the program it runs (libfuse util/mount.fuse.c).
 HELPER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -46,18 +46,11 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def helper_pids(mountpoint: Path) -> list[int]:
     """Processes started by mount.fuse3 for `mountpoint`: `... ciphertextfs SRC MNT -o ...`."""
     wanted = os.fspath(mountpoint).encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")[:-1]
-        except OSError:
-            continue
-        if any(a.endswith(b"/ciphertextfs") for a in argv[:2]) and wanted in argv:
-            found.append(int(entry))
-    return found
+    return [
+        pid
+        for pid, argv in live_processes()
+        if any(a.endswith(b"/ciphertextfs") for a in argv[:2]) and wanted in argv
+    ]
 
 
 @contextlib.contextmanager

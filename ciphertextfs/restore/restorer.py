@@ -48,6 +48,7 @@ from .backup import ArchiveDamage, Backup, Entry, Kind, Path_, TreeProblem, show
 from .keys import KeyRing, key_label
 from .plan import RestoreProblem, check_plain_name, ciphertext_name, looks_nokey
 from .report import Report
+from .tarstream import read_up_to
 from .writer import DestWriter, Where
 
 __all__ = ["Restorer", "Interrupted", "DEFAULT_BLOCK_SIZE", "CHUNK"]
@@ -290,7 +291,7 @@ class Restorer:
         assert e.open is not None
         src = e.open()
         try:
-            head = _read_up_to(src, len(SIDE_FILE_HEADER))
+            head = read_up_to(src, len(SIDE_FILE_HEADER))
             if not parent.encrypted and head != SIDE_FILE_HEADER:
                 if e.size > 65536:
                     keep, src = src, None
@@ -566,14 +567,10 @@ def _encrypted(e: Entry) -> bool:
 
 
 def _read_exact(src, n: int) -> bytes:
-    parts = []
-    while n > 0:
-        b = src.read(n)
-        if not b:
-            raise RestoreProblem("backup file shorter than its size")
-        parts.append(b)
-        n -= len(b)
-    return b"".join(parts)
+    data = read_up_to(src, n)
+    if len(data) < n:
+        raise RestoreProblem("backup file shorter than its size")
+    return data
 
 
 def _long_name(name: bytes, side) -> bytes:
@@ -585,17 +582,6 @@ def _long_name(name: bytes, side) -> bytes:
         if loaded is None:
             raise
         return ciphertext_name(name, loaded)
-
-
-def _read_up_to(src, n: int) -> bytes:
-    parts = []
-    while n > 0:
-        b = src.read(n)
-        if not b:
-            break
-        parts.append(b)
-        n -= len(b)
-    return b"".join(parts)
 
 
 class _Prefixed:

@@ -412,7 +412,8 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
-def _read_full(raw: BinaryIO, n: int) -> bytes:
+def read_up_to(raw: BinaryIO, n: int) -> bytes:
+    """`n` bytes, or fewer only at the end of the stream: reads may return short."""
     parts = []
     while n > 0:
         b = raw.read(n)
@@ -431,7 +432,7 @@ def decompressed(raw: BinaryIO) -> tuple[BinaryIO, str | None]:
         raw.seek(start)
         src: BinaryIO = raw
     else:
-        head = _read_full(raw, 6)
+        head = read_up_to(raw, 6)
         src = io.BufferedReader(_Prefixed(head, raw), 1 << 16)  # type: ignore[assignment]
     if head.startswith(b"\x1f\x8b"):
         return gzip.GzipFile(fileobj=src, mode="rb"), "gzip"  # type: ignore[return-value]
