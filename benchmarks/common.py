@@ -9,14 +9,17 @@ create is released however they end.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -334,3 +337,112 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PNG",
         help="also draw the timings as a bar chart into PNG (needs matplotlib)",
     )
+
+
+# -- FUSE requests, counted by the kernel -------------------------------------
+
+#: tracefs mounts an instance here when the machine has none mounted.
+TRACEFS_FALLBACK = Path("/tmp/scale-tracefs")
+_FUSE_OPCODE = re.compile(rb"\(FUSE_(\w+)\)")
+
+
+def _mounted_tracefs() -> Path | None:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "tracefs":
+                return Path(fields[1].replace("\\040", " "))
+    return None
+
+
+@contextlib.contextmanager
+def tracefs() -> Iterator[Path | None]:
+    """A tracefs with the fuse request tracepoint (kernel 6.16 on), or None.
+
+    Mounted under /tmp for the block when the machine has none mounted, so
+    nothing is left behind.
+    """
+    base, ours = _mounted_tracefs(), False
+    if base is None:
+        TRACEFS_FALLBACK.mkdir(exist_ok=True)
+        if subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS_FALLBACK]).returncode == 0:
+            base, ours = TRACEFS_FALLBACK, True
+    try:
+        ok = base is not None and (base / "events/fuse/fuse_request_send").is_dir()
+        yield base if ok else None
+    finally:
+        if ours:
+            harness.unmount(TRACEFS_FALLBACK)
+
+
+def fuse_connection(mountpoint: Path) -> int:
+    """The connection number the fuse tracepoints report: the kernel's dev_t of the mount."""
+    dev = os.stat(mountpoint).st_dev
+    return (os.major(dev) << 20) | os.minor(dev)
+
+
+@contextlib.contextmanager
+def fuse_requests(base: Path | None, mountpoint: Path) -> Iterator[collections.Counter]:
+    """Count the requests the kernel sends to the FUSE mount at `mountpoint`, by opcode.
+
+    The kernel's own `fuse_request_send` tracepoint, filtered to this one
+    connection in a tracefs instance of our own: it costs the daemon nothing
+    (unlike libfuse's debug trace, which formats every request), so the
+    counts come from the timed run itself.  Events the ring buffer had to
+    drop are counted under "(lost)".  With `base` None, counts nothing.
+    """
+    counts: collections.Counter = collections.Counter()
+    if base is None:
+        yield counts
+        return
+    inst = base / "instances" / f"scale-{os.getpid()}"
+    inst.mkdir()
+    try:
+        (inst / "buffer_size_kb").write_text("8192")
+        event = inst / "events/fuse/fuse_request_send"
+        (event / "filter").write_text(f"connection == {fuse_connection(mountpoint)}\n")
+        stop = threading.Event()
+        fd = os.open(inst / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
+
+        def drain() -> None:
+            tail = b""
+            while True:
+                try:
+                    chunk = os.read(fd, 1 << 20)
+                except BlockingIOError:
+                    if stop.is_set():
+                        break
+                    time.sleep(0.05)
+                    continue
+                if not chunk:
+                    break
+                chunk = tail + chunk
+                cut = chunk.rfind(b"\n") + 1
+                tail = chunk[cut:]
+                counts.update(m.decode() for m in _FUSE_OPCODE.findall(chunk, 0, cut))
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        (event / "enable").write_text("1")
+        try:
+            yield counts
+        finally:
+            (event / "enable").write_text("0")
+            stop.set()
+            reader.join(30)
+            os.close(fd)
+            lost = 0
+            for stats in inst.glob("per_cpu/cpu*/stats"):
+                for line in stats.read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    if key.strip() == "overrun":
+                        lost += int(value)
+            if lost:
+                counts["(lost)"] = lost
+    finally:
+        for _ in range(50):
+            try:
+                inst.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
