@@ -672,6 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/ctfs-scale"))
     p.add_argument("--reuse", type=Path, metavar="DIR", help="reuse the image built in DIR")
     p.add_argument("--keep", action="store_true", help="keep the image for --reuse")
+    p.add_argument(
+        "--build-only", action="store_true", help="build the image, keep it, measure nothing"
+    )
     p.add_argument("--runs", type=int, default=1, help="runs per measurement; median reported")
     p.add_argument("--source", choices=("image", "live", "both"), default="both")
     p.add_argument(
@@ -719,6 +722,9 @@ def main(argv: list[str] | None = None) -> int:
                 layout = build(image, work, plan(args.entries), listing, log)
                 meta.write_text(json.dumps(asdict(layout)))
             bench = Bench(args, work, log)
+            if args.build_only:
+                args.keep = True
+                sources = []
             with common.tracefs() as trace, bench.tmpfs():
                 bench.trace = trace
                 if trace is None:
@@ -746,10 +752,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if layout.build:
         built = ", ".join(f"{k} {v:.1f} s" for k, v in layout.build.items())
-        out(f"- build: {built}")
+        total = sum(layout.build.values())
+        out(f"- build through the kernel: {total:.0f} s ({built})")
     out(f"- command: bench_scale {' '.join(argv if argv is not None else sys.argv[1:])}")
     out("")
-    report(layout, bench, out)
+    if bench.results:
+        report(layout, bench, out)
     printed.save(args.results)
     return 0
 
