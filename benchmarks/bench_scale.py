@@ -84,6 +84,12 @@ WORKLOADS = {
     "tar-big": "tar --xattrs -cf - DIR/big | cat",
 }
 BIG_WORKLOADS = ("ls-f", "tar-big")
+#: The directory each workload reads, below its copy's root.
+BIG_DIRS = collections.defaultdict(str, {"ls-f": "listing", "tar-big": "big"})
+DESTS = ("enc", "plain", "gocryptfs")
+#: rsync's exit codes for a transfer that ended with some files or attributes
+#: not copied (23) or vanished (24): the destination is still the one to compare to.
+PARTIAL_RSYNC = (0, 23, 24)
 #: What the kernel can do over the encrypted copy without its key.
 KERNEL_ENC_WORKLOADS = ("find", "rsync-dry", "ls-f")
 
@@ -405,14 +411,14 @@ def command(workload: str, directory: Path, dest: Path | None) -> list[str]:
     if workload == "find":
         return [*sh, 'find "$1" | wc -l', "find", d]
     if workload == "ls-f":
-        return [*sh, 'ls -f "$1/listing" | wc -l', "ls", d]
+        return [*sh, 'ls -f "$1" | wc -l', "ls", d]
     if workload in ("rsync-dry", "rsync"):
         dry = ["--dry-run"] if workload == "rsync-dry" else []
         return ["rsync", "-aHAX", *dry, d + "/", os.fspath(dest) + "/"]
     if workload == "tar":
         return common.tar_pipeline(directory, tar_options=("--xattrs",))
     if workload == "tar-big":
-        return common.tar_pipeline(directory / "big", tar_options=("--xattrs",))
+        return common.tar_pipeline(directory, tar_options=("--xattrs",))
     raise ValueError(workload)
 
 
@@ -421,7 +427,8 @@ class Reader:
     """One way of reading one copy (`enc` or `plain`).
 
     `how` is `image` (a view of the unmounted image's device), `live` (a
-    view of the copy's directory in the mounted filesystem) or `kernel`.
+    view of the copy's directory in the mounted filesystem), `kernel`, or
+    `gocryptfs` (-reverse, over the kernel's mount of the plain copy).
     """
 
     label: str
@@ -430,16 +437,30 @@ class Reader:
 
     @property
     def is_view(self) -> bool:
-        return self.how != "kernel"
+        return self.how in ("image", "live")
+
+    @property
+    def dest(self) -> str:
+        """Which destination an unchanged rsync-dry compares against."""
+        return "gocryptfs" if self.how == "gocryptfs" else self.copy
 
     def runs(self, workload: str) -> bool:
-        if not self.is_view and self.copy == "enc":
+        if self.how == "kernel" and self.copy == "enc":
             return workload in KERNEL_ENC_WORKLOADS
         return True
 
     def root(self, workload: str) -> str:
-        """The directory of the filesystem that holds what the workload reads."""
-        return self.copy + ("-big" if workload == "ls-f" else "")
+        """The directory of the filesystem that holds what the workload reads.
+
+        gocryptfs encrypts the names below its root: it is mounted over the
+        very directory a --big-dir workload reads.
+        """
+        root = self.copy + ("-big" if workload == "ls-f" else "")
+        return root + "/" + BIG_DIRS[workload] if self.how == "gocryptfs" else root
+
+    def sub(self, workload: str) -> str:
+        """Where in the root the workload reads."""
+        return "" if self.how == "gocryptfs" else BIG_DIRS[workload]
 
 
 class Bench:
@@ -449,7 +470,8 @@ class Bench:
         self.vmnt = Path(f"/tmp/scale-view-{self.pid}")
         self.kmnt = Path(f"/tmp/scale-kernel-{self.pid}")
         self.dst = Path(f"/tmp/scale-dst-{self.pid}")
-        self.dests: dict[str, Path] = {}
+        self.gmnt = Path(f"/tmp/scale-gocryptfs-{self.pid}")
+        self.workloads: list[str] = []
         self.results: dict[tuple[str, str, str], list[Sample]] = {}
         self.trace: Path | None = None
         self.dev = ""
@@ -466,33 +488,54 @@ class Bench:
                 self.dst.rmdir()
 
     @contextlib.contextmanager
-    def reading(self, reader: Reader, workload: str) -> Iterator[tuple[Path, int | None]]:
-        """The directory to run `workload` in, and the pid of the view's daemon if any."""
+    def reading(self, reader: Reader, workload: str) -> Iterator[tuple[Path, int | None, Path]]:
+        """The directory to run `workload` in, the pid of the FUSE daemon if any, its mount."""
         root = reader.root(workload)
         if reader.how == "kernel":
-            yield self.kmnt / root, None
+            yield self.kmnt / root, None, self.kmnt
         elif reader.how == "image":
             with harness_view.view_mount(self.dev, self.vmnt) as vm:
-                yield self.vmnt / root, vm.pid
-        else:
+                yield self.vmnt / root, vm.pid, self.vmnt
+        elif reader.how == "live":
             with harness_view.view_mount(self.kmnt / root, self.vmnt) as vm:
-                yield self.vmnt, vm.pid
+                yield self.vmnt, vm.pid, self.vmnt
+        else:
+            conf = self.work / f"gocryptfs-{root.replace('/', '-')}.conf"
+            with common.gocryptfs_reverse(self.kmnt / root, self.gmnt, conf) as g:
+                yield g, common.fuse_daemon_pid(g, b"gocryptfs"), g
 
-    def ensure_dest(self, reader: Reader) -> Path:
-        """The destination an unchanged rsync-dry compares against, made once."""
-        dest = self.dests.get(reader.copy)
-        if dest is not None:
+    def ensure_dest(self, reader: Reader, fresh: Path | None = None) -> Path:
+        """The destination an unchanged rsync-dry compares against, made once.
+
+        It lives next to the image, on the host's disk (cold like the
+        source in every run, as a backup appliance's disk is), and is kept
+        with it: through today's view it takes longer to make than the
+        dry run itself.  Made from `fresh` (a timed full rsync's
+        result) when there is one, else by an untimed full rsync.
+        """
+        dest = self.work / f"dest-{reader.dest}"
+        done = dest.with_suffix(".done")
+        if done.exists():
             return dest
-        dest = self.dst / f"dest-{reader.copy}"
-        if not reader.is_view and reader.copy == "enc":
+        if reader.how == "kernel" and reader.copy == "enc" and fresh is None:
             raise RuntimeError("the encrypted destination comes from a view: order the readers")
-        self.log(f"  making the rsync-dry destination {dest} from {reader.label} (untimed)")
-        with self.reading(reader, "rsync") as (path, _pid):
-            s = run_timed(command("rsync", path, dest), 4 * self.args.timeout)
-        if s.seconds is None or s.returncode not in (0, 24):
+        shutil.rmtree(dest, ignore_errors=True)
+        what = "the timed rsync's copy" if fresh else reader.label
+        self.log(f"  making the rsync-dry destination {dest} from {what} (untimed)")
+        if fresh is not None:
+            s = run_timed(command("rsync", fresh, dest), 4 * self.args.timeout)
+        else:
+            with self.reading(reader, "rsync") as (path, _pid, _mnt):
+                s = run_timed(command("rsync", path, dest), 4 * self.args.timeout)
+        # 23, some files or attributes not transferred: gocryptfs -reverse
+        # fails to read some of its own long-name files.
+        if s.seconds is None or s.returncode not in PARTIAL_RSYNC:
             raise RuntimeError(f"making {dest} failed: {s.error}")
-        self.log(f"    {s.seconds:.1f} s")
-        self.dests[reader.copy] = dest
+        self.log(
+            f"    {s.seconds:.1f} s"
+            + (f" (exit {s.returncode}: {s.error})" if s.returncode else "")
+        )
+        done.touch()
         return dest
 
     def measure(self, source: str, workload: str, reader: Reader, run: int) -> None:
@@ -501,21 +544,21 @@ class Bench:
             dest = self.ensure_dest(reader)
         elif workload == "rsync":
             dest = self.dst / "fresh"
-        with self.reading(reader, workload) as (path, pid):
+        with self.reading(reader, workload) as (path, pid, mnt):
             harness.drop_caches()
-            counter = self.trace if pid is not None else None
-            with common.fuse_requests(counter, self.vmnt) as counts:
-                s = run_timed(command(workload, path, dest), self.args.timeout)
+            counter = self.trace if reader.how != "kernel" else None
+            with common.fuse_requests(counter, mnt) as counts:
+                s = run_timed(
+                    command(workload, path / reader.sub(workload), dest), self.args.timeout
+                )
             if pid is not None:
                 s.vm_hwm = vm_hwm(pid)
             s.requests = dict(counts)
         if workload == "rsync":
-            if reader.copy not in self.dests and s.seconds is not None and s.returncode == 0:
-                kept = self.dst / f"dest-{reader.copy}"
-                dest.rename(kept)
-                self.dests[reader.copy] = kept
-            else:
-                shutil.rmtree(dest, ignore_errors=True)
+            done = s.seconds is not None and s.returncode in PARTIAL_RSYNC
+            if done and "rsync-dry" in self.workloads:
+                self.ensure_dest(reader, dest)
+            shutil.rmtree(dest, ignore_errors=True)
         self.results.setdefault((workload, source, reader.label), []).append(s)
         secs = "unfinished" if s.seconds is None else f"{s.seconds:8.2f} s"
         extra = f" rc={s.returncode} {s.error}" if s.returncode else ""
@@ -523,7 +566,7 @@ class Bench:
         self.log(f"  run {run + 1} {workload:9} {source:5} {reader.label:24} {secs}{mem}{extra}")
 
     def phase(self, source: str, dev: str, workloads: list[str]) -> None:
-        self.dev = dev
+        self.dev, self.workloads = dev, workloads
         readers = [Reader("view", "enc", source)]
         if self.args.plain_view:
             readers.append(Reader("view (unencrypted copy)", "plain", source))
@@ -531,6 +574,8 @@ class Bench:
             Reader("kernel ext4", "plain", "kernel"),
             Reader("kernel ext4, encrypted, no key", "enc", "kernel"),
         ]
+        if self.args.gocryptfs:
+            readers.append(Reader("gocryptfs -reverse", "plain", "gocryptfs"))
         # A live filesystem is mounted read-write; noatime, or the kernel's
         # first reads of freshly written files would each write an atime.
         opts = "ro,noload" if source == "image" else "noatime,noinit_itable"
@@ -574,32 +619,48 @@ def per_entry(requests: dict[str, int], entries: int) -> str:
     return f"{total / entries:.2f}" if requests else "-"
 
 
+def entries_read(layout: Layout, workload: str) -> int:
+    """The entries a workload walks: the denominator of its requests per entry."""
+    if workload == "ls-f":
+        return layout.listing + 1
+    if workload == "tar-big":
+        return layout.shape.get("largest directory", MAX_DIR) + 1
+    return layout.entries + 1
+
+
+def verdict(ratio: float | None, goal: float) -> str:
+    if ratio is None:
+        return f"<= {goal:g}x: MISSED"
+    return f"<= {goal:g}x: {'met' if ratio <= goal else 'MISSED'}"
+
+
 def report(layout: Layout, bench: Bench, out) -> None:
     results = bench.results
     timeout = bench.args.timeout
+    peer = any(label == "gocryptfs -reverse" for _w, _s, label in results)
     headers = [
         "workload", "source", "reader", "entries seen", "seconds", "vs kernel", "goal",
-        "VmHWM", "req/entry",
+        *(["ahead of gocryptfs"] if peer else []), "VmHWM", "req/entry",
     ]  # fmt: skip
     rows = []
     for (w, source, label), samples in results.items():
         sec = _median(samples)
         base = _median(results.get((w, source, "kernel ext4"), []))
-        ratio = goal = ""
+        ratio = goal = ahead = ""
         if label != "kernel ext4" and sec is not None and base:
             ratio = f"{sec / base:.1f}x"
         if label == "view" and w in GOALS:
-            if sec is None:
-                goal = f"<= {GOALS[w]:g}x: MISSED"
-            elif base:
-                goal = f"<= {GOALS[w]:g}x: {'met' if sec / base <= GOALS[w] else 'MISSED'}"
+            goal = verdict(sec / base if sec is not None and base else None, GOALS[w])
+        if label == "view" and peer:
+            g = _median(results.get((w, source, "gocryptfs -reverse"), []))
+            if sec is not None and g:
+                ahead = f"{sec / g:.2f}x: {'met' if sec < g else 'MISSED'}"
+            elif sec is None:
+                ahead = "MISSED"
         shown = f"unfinished after {timeout:.0f} s" if sec is None else f"{sec:.2f}"
         if any(s.returncode for s in samples):
             shown += f" (exit {max(s.returncode for s in samples)})"
         hwm = max(s.vm_hwm for s in samples)
-        entries = layout.listing + 1 if w == "ls-f" else layout.entries
-        if w == "tar-big":
-            entries = layout.shape.get("largest directory", MAX_DIR)
         rows.append(
             [
                 WORKLOADS[w],
@@ -609,20 +670,25 @@ def report(layout: Layout, bench: Bench, out) -> None:
                 shown,
                 ratio,
                 goal,
+                *([ahead] if peer else []),
                 f"{hwm / MIB:.0f} MiB" if hwm else "",
-                per_entry(samples[0].requests, entries) if hwm else "",
+                per_entry(samples[0].requests, entries_read(layout, w)) if hwm else "",
             ]
         )
     out(f"Timings: median of {bench.args.runs} run(s), each from a cold page cache.")
     out("")
     common.print_table(headers, rows, out, text_columns=3)
     out("")
-    hwm = max((s.vm_hwm for ss in results.values() for s in ss), default=0)
+    hwm = max(
+        (s.vm_hwm for (_w, _s, label), ss in results.items() if label == "view" for s in ss),
+        default=0,
+    )
     if hwm:
-        verdict = "met" if hwm <= MEMORY_GOAL else "MISSED"
+        met = "met" if hwm <= MEMORY_GOAL else "MISSED"
         out(
-            f"Daemon peak memory (VmHWM, largest over all view runs): {hwm / MIB:.0f} MiB; "
-            f"goal <= {MEMORY_GOAL // MIB} MiB: {verdict} at {layout.entries:,} entries."
+            f"Daemon peak memory (VmHWM of the view's daemon, largest over all runs): "
+            f"{hwm / MIB:.0f} MiB; goal <= {MEMORY_GOAL // MIB} MiB: {met} at "
+            f"{layout.entries:,} entries."
         )
         out("")
     rows = []
@@ -630,9 +696,7 @@ def report(layout: Layout, bench: Bench, out) -> None:
         req = samples[0].requests
         if not req:
             continue
-        entries = layout.listing + 1 if w == "ls-f" else layout.entries
-        if w == "tar-big":
-            entries = layout.shape.get("largest directory", MAX_DIR)
+        entries = entries_read(layout, w)
         detail = ", ".join(
             f"{op} {n / entries:.2f}" for op, n in sorted(req.items(), key=lambda kv: -kv[1])
         )
@@ -640,7 +704,7 @@ def report(layout: Layout, bench: Bench, out) -> None:
     if rows:
         out(
             "FUSE requests sent to the daemon in the first run, counted by the kernel's "
-            "fuse_request_send tracepoint; per entry, by type:"
+            "fuse_request_send tracepoint; per entry (counting the directory walked), by type:"
         )
         out("")
         headers = ["workload", "source", "reader", "requests", "per entry"]
@@ -697,6 +761,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--plain-view", action="store_true", help="also the view of the unencrypted copy"
     )
+    p.add_argument(
+        "--gocryptfs",
+        action="store_true",
+        help="also gocryptfs -reverse of the unencrypted copy (over the kernel's mount)",
+    )
     p.add_argument("--timeout", type=float, default=600, help="seconds per run before it is killed")
     p.add_argument("--results", type=Path, help="also append the report (Markdown) to this file")
     args = p.parse_args(argv)
@@ -718,6 +787,10 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"{meta}: built without --big-dir")
             else:
                 meta.unlink(missing_ok=True)
+                for copy in DESTS:
+                    (work / f"dest-{copy}.done").unlink(missing_ok=True)
+                for conf in work.glob("gocryptfs-*.conf"):
+                    conf.unlink()
                 listing = plan_listing(args.listing_entries) if args.big_dir else None
                 layout = build(image, work, plan(args.entries), listing, log)
                 meta.write_text(json.dumps(asdict(layout)))
@@ -736,6 +809,11 @@ def main(argv: list[str] | None = None) -> int:
             if not args.keep and not args.reuse:
                 for f in (image, meta, work / "gentree"):
                     f.unlink(missing_ok=True)
+                for copy in DESTS:
+                    shutil.rmtree(work / f"dest-{copy}", ignore_errors=True)
+                    (work / f"dest-{copy}.done").unlink(missing_ok=True)
+                for conf in work.glob("gocryptfs-*.conf"):
+                    conf.unlink()
     load_after = os.getloadavg()
 
     out(f"## bench_scale ({time.strftime('%Y-%m-%d %H:%M %Z')})")

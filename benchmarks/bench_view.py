@@ -230,18 +230,13 @@ def kernel_mount(dev: str, mnt: Path, options: str = "ro,noload"):
 
 @contextlib.contextmanager
 def gocryptfs_reverse(plain: Path, work: Path):
-    """`gocryptfs -reverse` of `plain` (read-only kernel mount): its encrypted view."""
-    conf, mnt = work / "gocryptfs.reverse.conf", work / "gocryptfs-mnt"
-    mnt.mkdir(exist_ok=True)
+    """`gocryptfs -reverse` of `plain` (read-only kernel mount), with a throwaway config."""
+    conf = work / "gocryptfs.reverse.conf"
     conf.unlink(missing_ok=True)
-    password = ["-extpass", "echo ctfs-bench", "-config", os.fspath(conf), "-q"]
-    # -scryptn 10: the key derivation is not what is measured.
-    harness.run("gocryptfs", "-init", "-reverse", "-scryptn", "10", *password, plain)
-    harness.run("gocryptfs", "-reverse", *password, plain, mnt)
     try:
-        yield mnt
+        with common.gocryptfs_reverse(plain, work / "gocryptfs-mnt", conf) as mnt:
+            yield mnt
     finally:
-        subprocess.run(["fusermount3", "-u", os.fspath(mnt)], check=False)
         conf.unlink(missing_ok=True)
 
 

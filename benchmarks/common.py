@@ -339,6 +339,45 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+@contextlib.contextmanager
+def gocryptfs_reverse(plain: Path, mnt: Path, conf: Path) -> Iterator[Path]:
+    """`gocryptfs -reverse` of `plain` on `mnt`: its encrypted view, for backups.
+
+    The peer admins would otherwise use.  `conf` is created (with a
+    throwaway password) when missing and kept otherwise: the reverse view's
+    names and contents follow from its master key, so a destination made
+    through it stays identical only under the same config.
+    """
+    mnt.mkdir(exist_ok=True)
+    password = ["-extpass", "echo ctfs-bench", "-config", os.fspath(conf), "-q"]
+    if not conf.exists():
+        # -scryptn 10: the key derivation is not what is measured.
+        harness.run("gocryptfs", "-init", "-reverse", "-scryptn", "10", *password, plain)
+    harness.run("gocryptfs", "-reverse", *password, plain, mnt)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["fusermount3", "-u", os.fspath(mnt)], check=False)
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", os.fspath(mnt)], check=False)
+
+
+def fuse_daemon_pid(mountpoint: Path, program: bytes) -> int | None:
+    """The process whose command line names `program` and ends with `mountpoint`."""
+    wanted = os.fspath(mountpoint).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if argv and program in os.path.basename(argv[0]) and argv[-1] == wanted:
+            return int(entry)
+    return None
+
+
 # -- FUSE requests, counted by the kernel -------------------------------------
 
 #: tracefs mounts an instance here when the machine has none mounted.
