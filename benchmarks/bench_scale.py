@@ -19,6 +19,8 @@ times each workload over
     where the kernel can do it without the key, the encrypted copy (it lists
     no-key names and stats them, but reads no contents);
   * with --plain-view, also the view of the unencrypted copy;
+  * with --gocryptfs, gocryptfs -reverse of the unencrypted copy over the
+    kernel's mount (the peer admins would otherwise use);
 
 and reports for every view run the daemon's peak memory (VmHWM) and the
 FUSE requests it was sent, by type, counted by the kernel's
@@ -26,9 +28,10 @@ fuse_request_send tracepoint in the timed run itself.
 
 Workloads (--workloads): `find`; `rsync-dry`, `rsync -aHAX --dry-run`
 against an identical destination (an unchanged nightly run; the
-destination is made once per run by a full rsync of the view, or reuses
-the timed `rsync` one's); `rsync`, a full `rsync -aHAX` into a fresh
-destination on tmpfs; `tar`, `tar --xattrs -cf - | cat >/dev/null`.  With
+destination is made by a full rsync of the same reader, untimed, or from
+the timed `rsync` one's, and kept next to the image for --reuse);
+`rsync`, a full `rsync -aHAX` into a fresh destination on tmpfs; `tar`,
+`tar --xattrs -cf - | cat >/dev/null`.  With
 --big-dir the image also holds a directory of 300,000 empty files, and two
 more workloads run: `ls -f` of it, and `tar --xattrs` of the tree's
 50,000-file directory.  A run that outlasts --timeout is killed and
