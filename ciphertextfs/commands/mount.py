@@ -15,9 +15,12 @@ import stat
 import sys
 import textwrap
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ciphertextfs.commands import PROG, CommandError, mountlog
+
+if TYPE_CHECKING:
+    from ciphertextfs.view.protocol import ViewProtocol
 
 log = logging.getLogger("ciphertextfs")
 
@@ -313,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: warning: {args.source}: {warning}", file=sys.stderr)
     view = with_fscrypt_metadata(view, fs, source.root_ino, args)
 
-    ops = CiphertextOperations(view, fs.sb, statvfs_path=source.directory)
+    ops = CiphertextOperations(view, statvfs_path=source.directory)
     opts = fuse_options(
         os.path.abspath(args.source), allow_other="allow_other" in options, debug=debug
     )
@@ -338,7 +341,9 @@ def log_summary(ops: Any, mountpoint: str) -> None:
     mountlog.finish(log)
 
 
-def with_fscrypt_metadata(view: Any, fs: Any, root_ino: int, args: argparse.Namespace) -> Any:
+def with_fscrypt_metadata(
+    view: ViewProtocol, fs: Any, root_ino: int, args: argparse.Namespace
+) -> ViewProtocol:
     """The view with its fscrypt metadata entry (docs/FORMAT.md), and what backups would lack."""
     from ciphertextfs.view.metadata_view import MetadataCollision, MetadataView, collect
 

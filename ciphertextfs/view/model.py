@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ciphertextfs.ext4.dirent import EXT4_NAME_LEN
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
@@ -29,6 +30,7 @@ from ciphertextfs.view.names import (
     list_directory,
     side_file_ino,
 )
+from ciphertextfs.view.protocol import StatfsFigures
 from ciphertextfs.view.readahead import ReadAhead, is_small
 from ciphertextfs.view.symlinks import view_target
 from ciphertextfs.view.xattrs import acl_read_only, fscrypt_context_raw, passthrough_xattrs
@@ -310,3 +312,17 @@ class View:
         if not is_small(attr):
             return None
         return self._ahead.contents(ino, attr)
+
+    def statfs(self) -> StatfsFigures:
+        """The figures the kernel's ext4_statfs() reports, from the superblock read at open."""
+        sb = self.fs.sb
+        blocks, free, reserved = sb.statfs_counts()
+        return StatfsFigures(
+            block_size=self.fs.block_size,
+            blocks=blocks,
+            free_blocks=free,
+            available_blocks=max(0, free - reserved),
+            files=sb.s_inodes_count,
+            free_files=min(sb.s_free_inodes_count, sb.s_inodes_count),
+            name_max=EXT4_NAME_LEN,
+        )
