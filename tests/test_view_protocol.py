@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ciphertextfs.ext4.fs import Filesystem
-from ciphertextfs.view.metadata_view import META_INO_BASE, MetaNode, MetadataView
+from ciphertextfs.view.metadata_view import META_INO_BASE, MetadataView, MetaNode
 from ciphertextfs.view.model import View, ViewNoAttr, ViewNotFound
 from ciphertextfs.view.protocol import ViewProtocol
 from ciphertextfs.viewformat import META_DIR_NAME, META_POLICIES, XATTR_META_MARK
