@@ -22,10 +22,14 @@ __all__ = [
     "ACL_OTHER",
     "ACL_UNDEFINED_ID",
     "ACL_MAX_ENTRIES",
+    "XATTR_NAME_POSIX_ACL_ACCESS",
+    "XATTR_NAME_POSIX_ACL_DEFAULT",
     "from_text",
     "is_minimal",
 ]
 
+XATTR_NAME_POSIX_ACL_ACCESS = b"system.posix_acl_access"
+XATTR_NAME_POSIX_ACL_DEFAULT = b"system.posix_acl_default"
 POSIX_ACL_XATTR_VERSION = 0x0002
 ACL_USER_OBJ = 0x01
 ACL_USER = 0x02

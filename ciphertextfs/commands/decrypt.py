@@ -8,6 +8,7 @@ import signal
 import sys
 
 from ciphertextfs.commands import CommandError, exit_status_help
+from ciphertextfs.restore import DEFAULT_BLOCK_SIZE
 
 DESCRIPTION = """\
 Decrypt a backup of the ciphertext view into DEST with the owner's keys.
@@ -95,10 +96,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--block-size",
         type=int,
-        default=4096,
+        default=DEFAULT_BLOCK_SIZE,
         metavar="N",
-        help="block size of the original filesystem, the data unit size of policies "
-        "without a custom one (default 4096)",
+        help="block size of the original filesystem where the backup does not record it, "
+        "the data unit size of policies without a custom one (default %(default)s)",
     )
     priv = p.add_argument_group("privilege (default: on as root into a root-owned DEST, else off)")
 

@@ -72,6 +72,7 @@ from ciphertextfs.ext4.xattr import (
     encode_block,
     encode_ibody,
 )
+from ciphertextfs.restore import DEFAULT_BLOCK_SIZE
 from ciphertextfs.restore.backup import Backup, Entry, Kind
 from ciphertextfs.restore.plan import RestoreProblem
 from ciphertextfs.restore.report import Report
@@ -79,7 +80,6 @@ from ciphertextfs.restore.report import Report
 from .libext2fs import Ext2Error, Ext2Fs
 from .plan import FIRST_INO, Node, Plan
 
-DEFAULT_BLOCK_SIZE = 4096
 INODE_SIZE = 256
 READ_CHUNK = 1 << 20
 EXT4_LINK_MAX = 65000

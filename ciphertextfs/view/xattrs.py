@@ -13,7 +13,11 @@ import logging
 import struct
 
 from ciphertextfs.ext4.errors import CorruptError
-from ciphertextfs.ext4.xattr import Xattr
+from ciphertextfs.ext4.xattr import (
+    EXT4_XATTR_ACL_NAMES,
+    EXT4_XATTR_PREFIXES,
+    Xattr,
+)
 from ciphertextfs.posix_acl import (
     ACL_GROUP,
     ACL_GROUP_OBJ,
@@ -28,26 +32,6 @@ from ciphertextfs.posix_acl import (
 from ciphertextfs.viewformat import XATTR_FSCRYPT_PREFIX
 
 log = logging.getLogger("ciphertextfs")
-
-EXT4_XATTR_INDEX_USER = 1
-EXT4_XATTR_INDEX_POSIX_ACL_ACCESS = 2
-EXT4_XATTR_INDEX_POSIX_ACL_DEFAULT = 3
-EXT4_XATTR_INDEX_TRUSTED = 4
-EXT4_XATTR_INDEX_SECURITY = 6
-EXT4_XATTR_INDEX_ENCRYPTION = 9
-
-XATTR_PREFIXES = {
-    EXT4_XATTR_INDEX_USER: b"user.",
-    EXT4_XATTR_INDEX_TRUSTED: b"trusted.",
-    EXT4_XATTR_INDEX_SECURITY: b"security.",
-}
-"""Name indexes passed through.  Index 8 (system.data) is inline data, not
-an attribute; index 9 is the fscrypt context, shown as user.fscrypt.context."""
-
-ACL_NAMES = {
-    EXT4_XATTR_INDEX_POSIX_ACL_ACCESS: b"system.posix_acl_access",
-    EXT4_XATTR_INDEX_POSIX_ACL_DEFAULT: b"system.posix_acl_default",
-}
 
 
 EXT4_ACL_VERSION = 0x0001
@@ -123,21 +107,13 @@ def passthrough_xattrs(xattrs: list[Xattr], ino: int) -> dict[bytes, bytes]:
     """
     out: dict[bytes, bytes] = {}
     for x in xattrs:
-        prefix = XATTR_PREFIXES.get(x.name_index)
+        prefix = EXT4_XATTR_PREFIXES.get(x.name_index)
         if prefix is not None:
             name = prefix + x.name
             if name.startswith(XATTR_FSCRYPT_PREFIX):
                 log.warning("inode %d: original xattr %r hidden by the view's own", ino, name)
                 continue
             out[name] = x.value
-        elif x.name_index in ACL_NAMES and not x.name:
-            out[ACL_NAMES[x.name_index]] = ext4_acl_to_posix(x.value)
+        elif x.name_index in EXT4_XATTR_ACL_NAMES and not x.name:
+            out[EXT4_XATTR_ACL_NAMES[x.name_index]] = ext4_acl_to_posix(x.value)
     return out
-
-
-def fscrypt_context_raw(xattrs: list[Xattr]) -> bytes | None:
-    """The raw fscrypt context stored in the inode (index 9, name "c")."""
-    for x in xattrs:
-        if x.name_index == EXT4_XATTR_INDEX_ENCRYPTION and x.name == b"c":
-            return x.value
-    return None
