@@ -1,7 +1,7 @@
 """POSIX ACLs in the kernel's xattr form (`system.posix_acl_*`), and from their text form.
 
 The view, the restore and restore-image all meet ACLs: ext4 stores them in
-its own compact format (converted in view/xattrs.py), the VFS and GNU tar
+its own compact format (ext4/acl.py converts it), the VFS and GNU tar
 exchange the binary form below, and bsdtar archives carry only the text
 form of acl(5) (`SCHILY.acl.access` records), which a restore must turn
 back into the binary form or lose the ACL.

@@ -243,7 +243,7 @@ def helper_argv(argv: Sequence[str], commands: Sequence[str]) -> list[str]:
 
 
 def check_mountpoint(path: str) -> None:
-    from ciphertextfs.source import is_mount_point
+    from ciphertextfs.mounts import is_mount_point
 
     try:
         st = os.stat(path)

@@ -295,29 +295,30 @@ def encode_dx_root(
     seed: int | None,
 ) -> bytes:
     """Block 0 of an indexed directory: "." and "..", dx_root_info, the dx entries."""
-    limit = dx_limit(block_size, DX_ROOT_COUNT_OFFSET, seed is not None)
     buf = bytearray(block_size)
     buf[:DX_ROOT_INFO_OFFSET] = encode_dots(ino, parent, block_size - 12)[:DX_ROOT_INFO_OFFSET]
     DX_ROOT_INFO.pack_into(
         buf, DX_ROOT_INFO_OFFSET, 0, hash_version, DX_ROOT_INFO.size, indirect_levels, 0
     )
-    body = encode_dx_entries(limit, entries)
-    buf[DX_ROOT_COUNT_OFFSET : DX_ROOT_COUNT_OFFSET + len(body)] = body
-    if seed is not None:
-        tail = DX_ROOT_COUNT_OFFSET + 8 * limit
-        buf[tail : tail + DX_TAIL_SIZE] = dx_tail(bytes(buf), DX_ROOT_COUNT_OFFSET, seed)
-    return bytes(buf)
+    return _with_dx_entries(buf, DX_ROOT_COUNT_OFFSET, entries, seed)
 
 
 def encode_dx_node(entries: list[tuple[int, int]], block_size: int, seed: int | None) -> bytes:
     """An interior htree block: one empty fake entry over the block, then dx entries."""
-    limit = dx_limit(block_size, DX_NODE_COUNT_OFFSET, seed is not None)
     buf = bytearray(block_size)
     raw_len = block_size if block_size < 65536 else 65535
     _DIRENT.pack_into(buf, 0, 0, raw_len, 0, 0)
+    return _with_dx_entries(buf, DX_NODE_COUNT_OFFSET, entries, seed)
+
+
+def _with_dx_entries(
+    buf: bytearray, count_offset: int, entries: list[tuple[int, int]], seed: int | None
+) -> bytes:
+    """A dx block's entries from `count_offset`, and its dx_tail past `limit` of them."""
+    limit = dx_limit(len(buf), count_offset, seed is not None)
     body = encode_dx_entries(limit, entries)
-    buf[DX_NODE_COUNT_OFFSET : DX_NODE_COUNT_OFFSET + len(body)] = body
+    buf[count_offset : count_offset + len(body)] = body
     if seed is not None:
-        tail = DX_NODE_COUNT_OFFSET + 8 * limit
-        buf[tail : tail + DX_TAIL_SIZE] = dx_tail(bytes(buf), DX_NODE_COUNT_OFFSET, seed)
+        tail = count_offset + 8 * limit
+        buf[tail : tail + DX_TAIL_SIZE] = dx_tail(bytes(buf), count_offset, seed)
     return bytes(buf)

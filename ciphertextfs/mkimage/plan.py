@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from ciphertextfs.ext4.acl import posix_acl_to_ext4
 from ciphertextfs.ext4.dirent import EXT4_NAME_LEN
 from ciphertextfs.ext4.errors import CorruptError
 from ciphertextfs.ext4.inode import EXT4_GOOD_OLD_FIRST_INO, EXT4_ROOT_INO
@@ -28,7 +29,6 @@ from ciphertextfs.fscrypt.policy import FscryptContext
 from ciphertextfs.restore.backup import Backup, Entry, Kind, Path_, TreeProblem
 from ciphertextfs.restore.plan import RestoreProblem, ciphertext_name
 from ciphertextfs.restore.report import Report
-from ciphertextfs.view.xattrs import posix_acl_to_ext4
 from ciphertextfs.viewformat import (
     SIDE_FILE_HEADER,
     SIDE_FILE_NAME,
