@@ -136,17 +136,6 @@ def block_entries(block: bytes, what: str, ea_inode: bool) -> list[RawEntry]:
     return parse_entries(block, XATTR_HEADER_SIZE, 0, what, ea_inode)
 
 
-def encryption_context(xattrs: list[Xattr]) -> bytes | None:
-    """The raw fscrypt context of an inode, from its xattrs."""
-    for x in xattrs:
-        if (
-            x.name_index == EXT4_XATTR_INDEX_ENCRYPTION
-            and x.name == EXT4_XATTR_NAME_ENCRYPTION_CONTEXT
-        ):
-            return x.value
-    return None
-
-
 def encryption_context_xattr(context: bytes) -> Xattr:
     """The entry that holds an inode's raw fscrypt context."""
     return Xattr(EXT4_XATTR_INDEX_ENCRYPTION, EXT4_XATTR_NAME_ENCRYPTION_CONTEXT, context)

@@ -31,7 +31,7 @@ from ciphertextfs.fscrypt.protector import (
     parse_policy,
     parse_protector,
 )
-from ciphertextfs.view.model import Attr, ViewNoAttr, ViewNotFound, st_blocks
+from ciphertextfs.view.model import Attr, ViewNoAttr, ViewNotFound
 from ciphertextfs.view.names import Entry
 from ciphertextfs.view.protocol import StatfsFigures, ViewProtocol
 from ciphertextfs.viewformat import (
@@ -305,7 +305,7 @@ class MetadataView:
             st_gid=node.gid,
             st_rdev=0,
             st_size=size,
-            st_blocks=st_blocks(size),
+            st_blocks=(size + 511) // 512,
             st_atime_ns=node.mtime_ns,
             st_mtime_ns=node.mtime_ns,
             st_ctime_ns=node.mtime_ns,

@@ -21,10 +21,9 @@ from ciphertextfs.ext4.dirent import EXT4_NAME_LEN
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import EXT4_ROOT_INO, Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
-from ciphertextfs.ext4.xattr import encryption_context
 from ciphertextfs.fscrypt.policy import FscryptContext, FscryptError, parse_context
 from ciphertextfs.lru import LRU
-from ciphertextfs.posix_acl import XATTR_NAME_POSIX_ACL_ACCESS
+from ciphertextfs.posix_acl import XATTR_NAME_POSIX_ACL_ACCESS as ACL_ACCESS
 from ciphertextfs.view.names import (
     Entry,
     Listing,
@@ -35,7 +34,7 @@ from ciphertextfs.view.names import (
 from ciphertextfs.view.protocol import StatfsFigures
 from ciphertextfs.view.readahead import ReadAhead, is_small
 from ciphertextfs.view.symlinks import view_target
-from ciphertextfs.view.xattrs import acl_read_only, passthrough_xattrs
+from ciphertextfs.view.xattrs import acl_read_only, fscrypt_context_raw, passthrough_xattrs
 from ciphertextfs.viewformat import SIDE_FILE_NAME, encode_dir_xattrs, encode_inode_xattrs
 
 __all__ = [
@@ -70,11 +69,6 @@ class DirectoryDamaged(OSError):
 
     def __init__(self, what: str) -> None:
         super().__init__(errno.EIO, what)
-
-
-def st_blocks(size: int) -> int:
-    """st_blocks of a view file: 512-byte units, whatever the block size, as stat(2) counts."""
-    return (size + 511) // 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +182,7 @@ class View:
         if inode.is_dir and (inode.is_encrypted or self._encrypting):
             xattrs.update(encode_dir_xattrs(self.fs.block_size))
         if inode.is_encrypted:
-            raw = encryption_context(on_disk)
+            raw = fscrypt_context_raw(on_disk)
             if raw is None:
                 raise FscryptError(f"inode {ino}: encrypted but has no fscrypt context")
             context = parse_context(raw)
@@ -218,7 +212,7 @@ class View:
             st_gid=inode.i_gid,
             st_rdev=rdev,
             st_size=size,
-            st_blocks=st_blocks(size),
+            st_blocks=(size + 511) // 512,
             st_atime_ns=inode.i_atime_ns,
             st_mtime_ns=inode.i_mtime_ns,
             st_ctime_ns=inode.i_ctime_ns,
@@ -233,8 +227,8 @@ class View:
             raise ViewNotFound(ino)
         dnode = self._node(dir_ino)
         d = dnode.attr
-        acl = dnode.xattrs.get(XATTR_NAME_POSIX_ACL_ACCESS)
-        xattrs = {XATTR_NAME_POSIX_ACL_ACCESS: acl_read_only(acl)} if acl is not None else {}
+        acl = dnode.xattrs.get(ACL_ACCESS)
+        xattrs = {ACL_ACCESS: acl_read_only(acl)} if acl is not None else {}
         attr = Attr(
             st_ino=ino,
             st_mode=stat.S_IFREG | (d.st_mode & 0o444),
@@ -243,7 +237,7 @@ class View:
             st_gid=d.st_gid,
             st_rdev=0,
             st_size=len(listing.side_file),
-            st_blocks=st_blocks(len(listing.side_file)),
+            st_blocks=(len(listing.side_file) + 511) // 512,
             st_atime_ns=d.st_atime_ns,
             st_mtime_ns=d.st_mtime_ns,
             st_ctime_ns=d.st_ctime_ns,

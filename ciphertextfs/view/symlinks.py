@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
-from ciphertextfs.ext4.xattr import encryption_context
 from ciphertextfs.fscrypt.policy import FscryptError, parse_context
+from ciphertextfs.view.xattrs import fscrypt_context_raw
 from ciphertextfs.viewformat import EncryptedSymlink, encode_symlink
 
 
@@ -21,7 +21,7 @@ def encrypted_symlink(fs: Filesystem, inode: Inode) -> EncryptedSymlink:
     ciphertext.  Raises FscryptError (or the ext4 layer's CorruptError) for a
     damaged one.
     """
-    raw = encryption_context(fs.xattrs(inode))
+    raw = fscrypt_context_raw(fs.xattrs(inode))
     if raw is None:
         raise FscryptError(f"inode {inode.ino}: encrypted but has no fscrypt context")
     ctx = parse_context(raw)

@@ -14,6 +14,8 @@ import logging
 from ciphertextfs.ext4.acl import ext4_acl_to_posix
 from ciphertextfs.ext4.xattr import (
     EXT4_XATTR_ACL_NAMES,
+    EXT4_XATTR_INDEX_ENCRYPTION,
+    EXT4_XATTR_NAME_ENCRYPTION_CONTEXT,
     EXT4_XATTR_PREFIXES,
     Xattr,
 )
@@ -54,3 +56,14 @@ def passthrough_xattrs(xattrs: list[Xattr], ino: int) -> dict[bytes, bytes]:
         elif x.name_index in EXT4_XATTR_ACL_NAMES and not x.name:
             out[EXT4_XATTR_ACL_NAMES[x.name_index]] = ext4_acl_to_posix(x.value)
     return out
+
+
+def fscrypt_context_raw(xattrs: list[Xattr]) -> bytes | None:
+    """The raw fscrypt context stored in the inode; the view shows it as user.fscrypt.context."""
+    for x in xattrs:
+        if (
+            x.name_index == EXT4_XATTR_INDEX_ENCRYPTION
+            and x.name == EXT4_XATTR_NAME_ENCRYPTION_CONTEXT
+        ):
+            return x.value
+    return None
