@@ -682,6 +682,12 @@ def report(layout: Layout, bench: Bench, out) -> None:
     out("")
     common.print_table(headers, rows, out, text_columns=3)
     out("")
+    if any(w == "rsync-dry" and label.startswith("kernel ext4, enc") for w, _s, label in results):
+        out(
+            "The kernel's dry run over the encrypted copy compares against the view's "
+            "destination: the same names, but other sizes and xattrs, which a dry run only lists."
+        )
+        out("")
     hwm = max(
         (s.vm_hwm for (_w, _s, label), ss in results.items() if label == "view" for s in ss),
         default=0,
