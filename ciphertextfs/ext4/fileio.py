@@ -174,6 +174,11 @@ class FileData:
             return None
         return maps[0].pblk
 
+    def block_at(self, inode: Inode, lblk: int) -> int | None:
+        """The physical block behind logical block `lblk`, None unless it is written."""
+        runs = self.runs(inode, lblk, lblk + 1)
+        return runs[0].pblk if runs else None
+
     def runs(self, inode: Inode, first: int, last: int) -> list[Run]:
         maps, starts = self._mappings(inode)
         return merge_runs(maps, starts, first, last)

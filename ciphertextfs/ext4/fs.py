@@ -14,6 +14,7 @@ filesystem is worth more than none.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from ciphertextfs.lru import LRU
 
@@ -320,6 +321,16 @@ class Filesystem:
     def readdir_hash(self, inode: Inode) -> ReaddirHash:
         """The (hash, minor hash) the kernel's readdir passes for each entry."""
         return self.dirs.readdir_hash(inode)
+
+    def dx_find(
+        self,
+        inode: Inode,
+        name: bytes | None,
+        hash_: int | None,
+        match: Callable[[DirEntry], bool],
+    ) -> DirEntry | None:
+        """One entry through the htree (see Directories.dx_find; IndexInconclusive)."""
+        return self.dirs.dx_find(inode, name, hash_, match)
 
     def read_dir(self, inode: Inode) -> list[DirEntry]:
         """All sound entries of a directory except "." and "..", in on-disk order."""

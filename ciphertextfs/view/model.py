@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ciphertextfs.ext4.directory import IndexInconclusive
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
@@ -27,6 +28,8 @@ from ciphertextfs.view.names import (
     Listing,
     is_side_ino,
     list_directory,
+    listing_bytes,
+    lookup_in_index,
     side_file_ino,
 )
 from ciphertextfs.view.readahead import ReadAhead, is_small
@@ -54,6 +57,17 @@ STATIC_CACHE_TIMEOUT = 3600.0
 LIVE_CACHE_TIMEOUT = 1.0
 """A mounted filesystem does: keep what the kernel and the view cache short."""
 
+LISTING_CACHE_BYTES = 128 << 20
+"""Listings in memory at once: a few directories of a few 100,000 entries, within
+the daemon's memory goal (issue 11); a bigger listing is served uncached."""
+
+NODE_CACHE_BYTES = 64 << 20
+"""Nodes in memory at once: bounded in bytes too, since xattrs (ACLs, user.*) can be big."""
+
+NODE_BYTES = 640
+NODE_XATTR_BYTES = 80
+"""What CPython holds for a Node besides its xattrs' bytes, and per xattr."""
+
 
 class ViewNotFound(LookupError):
     """No such name in the directory (ENOENT)."""
@@ -80,6 +94,8 @@ class Attr:
     st_rdev: int
     st_size: int
     st_blocks: int
+    """512-byte units allocated, as ext4 counts them (the kernel's stat): tar -S and
+    rsync -S look for holes only in a file that has fewer blocks than its size."""
     st_atime_ns: int
     st_mtime_ns: int
     st_ctime_ns: int
@@ -94,6 +110,12 @@ class Node:
     xattrs: dict[bytes, bytes]
     context: FscryptContext | None
     context_raw: bytes | None
+
+
+def node_bytes(node: Node) -> int:
+    """The approximate memory a node holds, what the node cache charges."""
+    xattrs = sum(len(k) + len(v) + NODE_XATTR_BYTES for k, v in node.xattrs.items())
+    return NODE_BYTES + xattrs + len(node.context_raw or b"")
 
 
 class View:
@@ -115,8 +137,8 @@ class View:
         self.root_ino = root_ino
         self.live = live
         self.cache_timeout = LIVE_CACHE_TIMEOUT if live else STATIC_CACHE_TIMEOUT
-        self._nodes = LRU(65536)
-        self._listings = LRU(4096)
+        self._nodes = LRU(65536, NODE_CACHE_BYTES)
+        self._listings = LRU(4096, LISTING_CACHE_BYTES)
         self._ahead = ReadAhead(fs, self.attr, self._inode, self._listings.get)
         self._lock = threading.Lock()
         self._stamp = time.monotonic()
@@ -152,7 +174,7 @@ class View:
         if node is None:
             node = self._build_node(ino)
             with self._lock:
-                self._nodes.put(ino, node)
+                self._nodes.put(ino, node, node_bytes(node))
         return node
 
     def listing(self, dir_ino: int) -> Listing:
@@ -164,7 +186,7 @@ class View:
                 raise NotADirectoryError(dir_ino)
             listing = list_directory(self.fs, inode, dir_ino)
             with self._lock:
-                self._listings.put(dir_ino, listing)
+                self._listings.put(dir_ino, listing, listing_bytes(listing))
             self._ahead.note_listing(dir_ino, listing)
         return listing
 
@@ -211,7 +233,7 @@ class View:
             st_gid=inode.i_gid,
             st_rdev=rdev,
             st_size=size,
-            st_blocks=(size + 511) // 512,
+            st_blocks=inode.i_blocks,
             st_atime_ns=inode.i_atime_ns,
             st_mtime_ns=inode.i_mtime_ns,
             st_ctime_ns=inode.i_ctime_ns,
@@ -259,6 +281,23 @@ class View:
         return self.listing(dir_ino).damage
 
     def lookup(self, dir_ino: int, name: bytes) -> int:
+        """The inode of `name`: from the listing if it is cached, else through
+        the htree (a few blocks instead of the whole directory), else from
+        the listing built for it, which stays the authority."""
+        self._fresh()
+        listing = self._listings.get(dir_ino)
+        if listing is None:
+            inode = self._inode(dir_ino)
+            if not inode.is_dir:
+                raise NotADirectoryError(dir_ino)
+            try:
+                ino = lookup_in_index(self.fs, inode, name)
+            except IndexInconclusive as e:
+                log.debug("lookup of %r through the listing: %s", name, e)
+            else:
+                if ino is None:
+                    raise ViewNotFound(name)
+                return ino
         listing = self.listing(dir_ino)
         ino = listing.by_name.get(name)
         if ino is None:

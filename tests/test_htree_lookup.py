@@ -1,0 +1,246 @@
+"""Lookups through the htree answer exactly what the directory's listing answers.
+
+The directories are made by the kernel (big enough for an htree, with
+1 KiB blocks deep enough for dx nodes), plain and encrypted under v1 and v2
+policies, with short names and names whose ciphertext is longer than 149
+bytes (no-key names with a SHA-256 tail).  The listing, which reads every
+block, is the oracle for each lookup; then copies of the image get a
+damaged dx node or leaf and no lookup may give an inode the listing would
+not, nor anything but that inode, ENOENT/EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from ciphertextfs.ext4 import dirent
+from ciphertextfs.ext4.directory import IndexInconclusive
+from ciphertextfs.ext4.fs import Filesystem
+from ciphertextfs.ext4.inode import EXT4_INDEX_FL
+from ciphertextfs.fscrypt.nokey import base64url_decode, base64url_encode
+from ciphertextfs.view.model import DirectoryDamaged, View, ViewNotFound
+from ciphertextfs.view.names import SIDE_FILE_NAME, lookup_in_index
+from tests import harness
+from tests.trees import POLICY, keys_added, lock
+
+VARIANTS = {
+    "4k": (4096, ("encrypt",)),
+    "1k": (1024, ("encrypt",)),
+    "1k-no-csum": (1024, ("encrypt", "^metadata_csum")),
+}
+COUNT = 2500
+
+
+def _name(i: int) -> str:
+    """Mostly short names, every seventh one long enough for a lossy no-key name."""
+    base = f"{i:05d}-{'n' * (i % 23)}"
+    return (base + "L" * 200)[:230] if i % 7 == 0 else base
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def image(request, tmp_path_factory):
+    """Yields (image, {dir: inode number}, uses_csum)."""
+    harness.require_kernel()
+    block_size, features = VARIANTS[request.param]
+    tmp = tmp_path_factory.mktemp(f"lookup-{request.param}")
+    img = harness.mkfs(tmp / "fs.img", size_mb=64, block_size=block_size, features=features)
+    dirs = {}
+    with harness.mounted(img, tmp / "mnt") as (_, mnt):
+        with keys_added(mnt) as keys:
+            for name in ("plain", "v1", "v2"):
+                d = mnt / name
+                d.mkdir()
+                if name != "plain":
+                    POLICY[name].apply(d, keys)
+                for i in range(COUNT):
+                    (d / _name(i)).touch()
+                dirs[name] = os.stat(d).st_ino
+            lock(mnt, keys)
+    yield img, dirs, "^metadata_csum" not in features
+
+
+def _listing_answers(img: Path, ino: int) -> dict[bytes, int]:
+    with Filesystem.open(str(img)) as fs:
+        listing = View(fs).listing(ino)
+        assert not listing.damage
+        return dict(listing.by_name)
+
+
+def _absent(names: list[bytes], encrypted: bool) -> list[bytes]:
+    """Names that are not in the directory, the encrypted ones close to real ones."""
+    out = [b"absent", b"x" * 255]
+    for name in names[:40]:
+        if not encrypted:
+            out.append(name + b"~")
+            continue
+        raw = bytearray(base64url_decode(name))
+        raw[0] ^= 0x04  # another hash
+        out.append(base64url_encode(bytes(raw)).encode())
+        raw[0] ^= 0x04
+        raw[-1] ^= 0x01  # another ciphertext byte (or SHA-256 byte)
+        out.append(base64url_encode(bytes(raw)).encode())
+    return out
+
+
+def test_every_name_through_the_index_equals_the_listing(image) -> None:
+    img, dirs, csum = image
+    for rel, ino in dirs.items():
+        expected = _listing_answers(img, ino)
+        names = [n for n in expected if n != SIDE_FILE_NAME]
+        assert len(names) == COUNT, rel
+        with Filesystem.open(str(img)) as fs:
+            inode = fs.inode(ino)
+            assert inode.i_flags & EXT4_INDEX_FL, rel
+            for name in names:
+                # Through the index itself, not a fallback to the listing.
+                assert lookup_in_index(fs, inode, name) == expected[name], (rel, name)
+            view = View(fs)
+            for name in names[::50]:
+                assert view.lookup(ino, name) == expected[name], (rel, name)
+            assert view._listings.get(ino) is None, "a lookup built the listing"
+            if SIDE_FILE_NAME in expected:
+                assert View(fs).lookup(ino, SIDE_FILE_NAME) == expected[SIDE_FILE_NAME]
+            for name in _absent(names, rel != "plain"):
+                assert name not in expected
+                if csum:
+                    assert lookup_in_index(fs, inode, name) is None, (rel, name)
+                with pytest.raises(ViewNotFound):
+                    View(fs).lookup(ino, name)
+
+
+def test_the_tree_is_deep_where_blocks_are_small(image) -> None:
+    """The 1 KiB variants must exercise dx nodes, or the node checks go untested."""
+    img, dirs, _csum = image
+    with Filesystem.open(str(img)) as fs:
+        for ino in dirs.values():
+            inode = fs.inode(ino)
+            root = fs.read_block(fs.files.block_at(inode, 0))
+            levels = dirent.parse_dx_root(root, 3).indirect_levels
+            assert levels == (1 if fs.block_size == 1024 else 0)
+
+
+def _dx_blocks(fs: Filesystem, ino: int) -> tuple[list[int], list[int]]:
+    """Physical blocks of the dx nodes and of the leaves of a directory."""
+    inode = fs.inode(ino)
+    nodes, leaves = [], []
+    for lblk in range(1, inode.i_size // fs.block_size):
+        pblk = fs.files.block_at(inode, lblk)
+        block = fs.read_block(pblk, cache=False)
+        (nodes if dirent.is_dx_node_block(block, fs.block_size) else leaves).append(pblk)
+    return nodes, leaves
+
+
+def _damage(block: bytes, kind: str, rng: random.Random, off: int) -> bytes:
+    """`off`: where dx_countlimit starts (a root or a node)."""
+    b = bytearray(block)
+    if kind == "garbage":
+        b[16:-16] = rng.randbytes(len(b) - 32)
+    elif kind == "dx-block-numbers":
+        # Swap the leaves two dx entries point to (hashes intact).
+        count = struct.unpack_from("<H", b, off + 2)[0]
+        i, j = off + 8 + 4, off + 8 * (count - 1) + 4
+        bi, bj = struct.unpack_from("<I", b, i)[0], struct.unpack_from("<I", b, j)[0]
+        struct.pack_into("<I", b, i, bj)
+        struct.pack_into("<I", b, j, bi)
+    elif kind == "dx-count":
+        struct.pack_into("<H", b, off + 2, 0xFFFF)
+    elif kind == "dx-loop":
+        count = struct.unpack_from("<H", b, off + 2)[0]
+        for i in range(count):
+            struct.pack_into("<I", b, off + 4 + 8 * i, 0)
+    elif kind == "leaf-rec-len":
+        struct.pack_into("<H", b, 4, 5)
+    return bytes(b)
+
+
+@pytest.mark.parametrize(
+    "target,kind",
+    [
+        ("root", "dx-count"),
+        ("root", "dx-loop"),
+        ("root", "dx-block-numbers"),
+        ("node", "dx-block-numbers"),
+        ("node", "dx-count"),
+        ("node", "garbage"),
+        ("leaf", "leaf-rec-len"),
+        ("leaf", "garbage"),
+    ],
+)
+def test_damaged_index_gives_the_listing_answer_or_eio(image, tmp_path, target, kind) -> None:
+    img, dirs, _csum = image
+    rng = random.Random(f"{target}{kind}")
+    for rel, ino in dirs.items():
+        expected = _listing_answers(img, ino)
+        bad = tmp_path / f"{rel}.img"
+        shutil.copyfile(img, bad)
+        with Filesystem.open(str(img)) as fs:
+            nodes, leaves = _dx_blocks(fs, ino)
+            bs = fs.block_size
+            if target == "root":
+                pblk = fs.files.block_at(fs.inode(ino), 0)
+            elif target == "node":
+                if not nodes:
+                    continue  # one-level tree (4 KiB blocks)
+                pblk = nodes[len(nodes) // 2]
+            else:
+                pblk = leaves[len(leaves) // 2]
+            block = fs.read_block(pblk, cache=False)
+        off = dirent.DX_ROOT_COUNT_OFFSET if target == "root" else dirent.DX_NODE_COUNT_OFFSET
+        new = _damage(block, kind, rng, off)
+        with open(bad, "r+b") as f:
+            f.seek(pblk * bs)
+            f.write(new)
+        with Filesystem.open(str(bad)) as fs:
+            damaged = View(fs).listing(ino)
+        names = list(expected)
+        probes = names[::5] + _absent(names[1:], rel != "plain")[:20]
+        with Filesystem.open(str(bad)) as fs:
+            inode = fs.inode(ino)
+            for name in probes:
+                want = damaged.by_name.get(name)
+                try:
+                    got = lookup_in_index(fs, inode, name)
+                except IndexInconclusive:
+                    continue  # the view asks the listing: `want` by construction
+                assert got == want, (rel, name, "the index and the listing disagree")
+                if got is not None:
+                    assert got == expected[name], (rel, name)
+            # Through the view, the listing's answer or EIO, never ENOENT for a name it has.
+            for name in probes[:: max(1, len(probes) // 12)]:
+                want = damaged.by_name.get(name)
+                try:
+                    got = View(fs).lookup(ino, name)
+                except DirectoryDamaged as e:
+                    assert e.errno == errno.EIO and want is None, (rel, name)
+                    continue
+                except ViewNotFound:
+                    assert want is None, (rel, name, "ENOENT where the listing has it")
+                    continue
+                assert got == want == expected[name], (rel, name)
+
+
+def test_not_indexed_directories_are_inconclusive(tmp_path) -> None:
+    harness.require_kernel()
+    img = harness.mkfs(tmp_path / "fs.img", features=("encrypt", "^dir_index"))
+    with harness.mounted(img, tmp_path / "mnt") as (_, mnt):
+        d = mnt / "d"
+        d.mkdir()
+        for i in range(300):
+            (d / _name(i)).touch()
+        ino = os.stat(d).st_ino
+    expected = _listing_answers(img, ino)
+    with Filesystem.open(str(img)) as fs:
+        with pytest.raises(IndexInconclusive):
+            lookup_in_index(fs, fs.inode(ino), b"00001-n")
+        view = View(fs)
+        for name, want in list(expected.items())[::13]:
+            assert View(fs).lookup(ino, name) == want
+        with pytest.raises(ViewNotFound):
+            view.lookup(ino, b"absent")
