@@ -245,15 +245,12 @@ def dx_entries(block: bytes, count_offset: int, limit: int) -> list[tuple[int, i
         raise CorruptError(f"dx limit {stored_limit} where {limit} belongs")
     if not 0 < count <= limit or count_offset + 8 * count > len(block):
         raise CorruptError(f"dx count {count} (limit {limit})")
-    out = [(0, struct.unpack_from("<I", block, count_offset + 4)[0])]
-    prev = 0
-    for i in range(1, count):
-        h, b = struct.unpack_from("<II", block, count_offset + 8 * i)
-        if h < prev:
-            raise CorruptError(f"dx hashes out of order at entry {i}")
-        out.append((h, b))
-        prev = h
-    return out
+    first = struct.unpack_from("<I", block, count_offset + 4)[0]
+    rest = struct.unpack_from(f"<{2 * (count - 1)}I", block, count_offset + 8)
+    hashes = rest[0::2]
+    if list(hashes) != sorted(hashes):
+        raise CorruptError("dx hashes out of order")
+    return [(0, first), *zip(hashes, rest[1::2], strict=True)]
 
 
 def dx_probe_at(entries: list[tuple[int, int]], hash_: int) -> int:

@@ -145,6 +145,8 @@ def lookup_in_index(fs: Filesystem, dir_inode: Inode, name: bytes) -> int | None
         nk = parse_nokey_name(name)
     except FscryptError:
         return None
+    if nk.hash & 1 and not dir_inode.is_casefold:
+        return None  # ext4 clears that bit of every hash it computes; probing with it scans on
     readdir_hash = fs.readdir_hash(dir_inode)
     want = (nk.hash, nk.minor_hash)
 
