@@ -1,4 +1,5 @@
-"""Lookups through the htree answer exactly what the directory's listing answers.
+"""Lookups through the htree answer exactly what the directory's listing answers;
+listings are charged what they hold.
 
 The directories are made by the kernel (big enough for an htree, with
 1 KiB blocks deep enough for dx nodes), plain and encrypted under v1 and v2
@@ -16,6 +17,7 @@ import os
 import random
 import shutil
 import struct
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -25,8 +27,14 @@ from ciphertextfs.ext4.directory import IndexInconclusive
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import EXT4_INDEX_FL
 from ciphertextfs.fscrypt.nokey import base64url_decode, base64url_encode
+from ciphertextfs.view import model
 from ciphertextfs.view.model import DirectoryDamaged, View, ViewNotFound
-from ciphertextfs.view.names import SIDE_FILE_NAME, lookup_in_index
+from ciphertextfs.view.names import (
+    SIDE_FILE_NAME,
+    list_directory,
+    listing_bytes,
+    lookup_in_index,
+)
 from tests import harness
 from tests.trees import POLICY, keys_added, lock
 
@@ -90,7 +98,7 @@ def _absent(names: list[bytes], encrypted: bool) -> list[bytes]:
 
 
 def test_every_name_through_the_index_equals_the_listing(image) -> None:
-    img, dirs, csum = image
+    img, dirs, _csum = image
     for rel, ino in dirs.items():
         expected = _listing_answers(img, ino)
         names = [n for n in expected if n != SIDE_FILE_NAME]
@@ -107,12 +115,12 @@ def test_every_name_through_the_index_equals_the_listing(image) -> None:
             assert view._listings.get(ino) is None, "a lookup built the listing"
             if SIDE_FILE_NAME in expected:
                 assert View(fs).lookup(ino, SIDE_FILE_NAME) == expected[SIDE_FILE_NAME]
+            view = View(fs)
             for name in _absent(names, rel != "plain"):
                 assert name not in expected
-                if csum:
-                    assert lookup_in_index(fs, inode, name) is None, (rel, name)
+                assert lookup_in_index(fs, inode, name) is None, (rel, name)
                 with pytest.raises(ViewNotFound):
-                    View(fs).lookup(ino, name)
+                    view.lookup(ino, name)  # the first builds the listing, which says so
 
 
 def test_the_tree_is_deep_where_blocks_are_small(image) -> None:
@@ -209,9 +217,8 @@ def test_damaged_index_gives_the_listing_answer_or_eio(image, tmp_path, target, 
                     got = lookup_in_index(fs, inode, name)
                 except IndexInconclusive:
                     continue  # the view asks the listing: `want` by construction
-                assert got == want, (rel, name, "the index and the listing disagree")
-                if got is not None:
-                    assert got == expected[name], (rel, name)
+                if got is not None:  # a miss too asks the listing
+                    assert got == want == expected[name], (rel, name)
             # Through the view, the listing's answer or EIO, never ENOENT for a name it has.
             for name in probes[:: max(1, len(probes) // 12)]:
                 want = damaged.by_name.get(name)
@@ -244,3 +251,32 @@ def test_not_indexed_directories_are_inconclusive(tmp_path) -> None:
             assert View(fs).lookup(ino, name) == want
         with pytest.raises(ViewNotFound):
             view.lookup(ino, b"absent")
+
+
+def test_listing_charges_are_honest_and_the_cache_stays_within_its_bytes(image, monkeypatch):
+    img, dirs, _csum = image
+    with Filesystem.open(str(img)) as fs:
+        charges = {}
+        for rel, ino in dirs.items():
+            fs.drop_caches()
+            tracemalloc.start()
+            listing = list_directory(fs, fs.inode(ino), ino)
+            held = tracemalloc.get_traced_memory()[0]
+            tracemalloc.stop()
+            charges[rel] = listing_bytes(listing)
+            assert 0.7 * held <= charges[rel] <= 1.3 * held, (rel, held, charges[rel])
+        bound = int(max(charges.values()) * 1.5)
+        monkeypatch.setattr(model, "LISTING_CACHE_BYTES", bound)
+        view = View(fs)
+        for ino in dirs.values():
+            view.listing(ino)
+            assert view._listings.bytes <= bound
+            assert view._listings.get(ino) is not None, "the newest listing is kept"
+        assert len(view._listings) == 1, "two listings never fit in 1.5 of the biggest"
+        monkeypatch.setattr(model, "LISTING_CACHE_BYTES", min(charges.values()) // 2)
+        view = View(fs)
+        first, second = list(dirs.values())[:2]
+        assert view.listing(first).entries
+        assert view._listings.get(first) is not None, "held alone, though bigger than the bound"
+        assert view.listing(second).entries
+        assert view._listings.get(first) is None and len(view._listings) == 1

@@ -30,9 +30,8 @@ ReaddirHash = Callable[[DirEntry], tuple[int, int]]
 class IndexInconclusive(Exception):
     """The htree cannot answer this lookup: read the directory linearly.
 
-    Not indexed, casefolded, an index or leaf that fails a check, or a miss
-    that no checksum vouches for (without metadata_csum a damaged index
-    could send the lookup to the wrong leaf).
+    Not indexed, casefolded, or an index or leaf block that fails a check
+    (as the kernel falls back to a linear search on ERR_BAD_DX_DIR).
     """
 
 
@@ -95,8 +94,10 @@ class Directories:
         The hash is that of `name` under the dx_root's hash version, or
         `hash_` as given (a long no-key name carries it).  Returns the first
         entry `match` accepts in the leaf the index designates and in those
-        continuing its hash (collision bit); None when the name is absent
-        and checksums vouch for every block read; else IndexInconclusive.
+        continuing its hash (collision bit); None when the index says the
+        name is absent, which only a sound index makes true (a damaged one
+        without checksums can send the probe to the wrong leaf);
+        IndexInconclusive when a block fails a check.
         """
         try:
             return self._dx_find(inode, name, hash_, match)
@@ -184,8 +185,6 @@ class Directories:
                 break
             ats[level] += 1
             descend(level, probe=False)
-        if seed is None:
-            raise IndexInconclusive(f"directory {inode.ino}: a miss without checksums")
         return None
 
     def _dx_block(self, inode: Inode, lblk: int, nblocks: int) -> bytes:

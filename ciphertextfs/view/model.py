@@ -282,8 +282,9 @@ class View:
 
     def lookup(self, dir_ino: int, name: bytes) -> int:
         """The inode of `name`: from the listing if it is cached, else through
-        the htree (a few blocks instead of the whole directory), else from
-        the listing built for it, which stays the authority."""
+        the htree (a few blocks instead of the whole directory) if the index
+        has it, else from the listing built for it: the listing alone says
+        ENOENT, or EIO in a damaged directory."""
         self._fresh()
         listing = self._listings.get(dir_ino)
         if listing is None:
@@ -294,9 +295,8 @@ class View:
                 ino = lookup_in_index(self.fs, inode, name)
             except IndexInconclusive as e:
                 log.debug("lookup of %r through the listing: %s", name, e)
-            else:
-                if ino is None:
-                    raise ViewNotFound(name)
+                ino = None
+            if ino is not None:
                 return ino
         listing = self.listing(dir_ino)
         ino = listing.by_name.get(name)

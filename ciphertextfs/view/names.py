@@ -128,13 +128,15 @@ def list_directory(fs: Filesystem, dir_inode: Inode, dir_ino: int) -> Listing:
 def lookup_in_index(fs: Filesystem, dir_inode: Inode, name: bytes) -> int | None:
     """The inode the listing would give `name`, found through the htree.
 
-    None when the name is not the view's name of any entry; raises
-    IndexInconclusive when only the listing can tell (the side file, names
-    the listing rewrites, directories the index cannot serve, damage).  In
-    an encrypted directory `name` is a no-key name: a short one carries the
-    whole ciphertext name, which is hashed as the kernel does; a long one
-    only its prefix, a SHA-256 of the rest and the hash to probe with.  A
-    candidate counts only if the listing would show exactly `name` for it.
+    Only a hit is an answer: a candidate counts only if the listing would
+    show exactly `name` for it.  None means the index does not have it,
+    IndexInconclusive that the index cannot be asked (the side file, names
+    the listing rewrites, directories the index cannot serve, damage); in
+    both cases only the listing can say ENOENT or, in a damaged directory,
+    EIO.  In an encrypted directory `name` is a no-key name: a short one
+    carries the whole ciphertext name, which is hashed as the kernel does;
+    a long one only its prefix, a SHA-256 of the rest and the hash to probe
+    with.
     """
     if name == SIDE_FILE_NAME or b"%2F" in name or b"%00" in name:
         raise IndexInconclusive("a name only the listing knows")
