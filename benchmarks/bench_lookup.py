@@ -30,10 +30,11 @@ def _name(i: int) -> str:
     return f"entry-{i:07d}-{'x' * 26}"
 
 
-def build(image: Path, entries: int, big: int) -> None:
-    """One plain and one encrypted directory of `entries`, and `big` bigger plain ones."""
+def build(image: Path, entries: int, big: int, many: tuple[int, int]) -> None:
+    """One plain and one encrypted directory of `entries`, `big` bigger plain ones,
+    and many[0] plain directories of many[1] entries."""
     image = image.resolve()
-    total = 2 * entries + sum(SIZES[:big])
+    total = 2 * entries + sum(SIZES[:big]) + many[0] * many[1]
     harness.mkfs(
         image,
         size_mb=max(256, total // 1500),
@@ -53,6 +54,11 @@ def build(image: Path, entries: int, big: int) -> None:
                 d = mnt / f"big{n}"
                 d.mkdir()
                 for i in range(n):
+                    os.close(os.open(d / _name(i), os.O_CREAT | os.O_WRONLY, 0o644))
+            for k in range(many[0]):
+                d = mnt / f"many{k:04d}"
+                d.mkdir()
+                for i in range(many[1]):
                     os.close(os.open(d / _name(i), os.O_CREAT | os.O_WRONLY, 0o644))
             os.sync()
             trees.lock(mnt, keys)
@@ -114,17 +120,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--entries", type=int, default=50_000)
     p.add_argument("--big", type=int, default=len(SIZES), help="how many of the big directories")
+    p.add_argument(
+        "--many",
+        default="0:0",
+        help="N:M, also N directories of M entries, listed for the memory figure",
+    )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--tree", type=Path, action="append", help="source trees to compare")
     p.add_argument("--work", type=Path, default=Path("/var/tmp/lookup-bench"))
     p.add_argument("--reuse", action="store_true", help="keep an image built before")
     args = p.parse_args(argv)
     tree_list = args.tree or [Path(".")]
+    many_dirs, many_entries = (int(x) for x in args.many.split(":"))
     args.work.mkdir(parents=True, exist_ok=True)
     image = args.work / "fs.img"
     if not (args.reuse and image.exists()):
         start = time.monotonic()
-        build(image, args.entries, args.big)
+        build(image, args.entries, args.big, (many_dirs, many_entries))
         print(f"built in {time.monotonic() - start:.0f} s")
 
     kmnt = args.work / "lookup-kernel.mnt"
@@ -155,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                     d.close()
         d = Daemon(tree, image, args.work / "lookup-view.mnt")
         try:
-            for sub in ["plain", "enc", *(f"big{n}" for n in SIZES[: args.big])]:
+            subs = ["plain", "enc", *(f"big{n}" for n in SIZES[: args.big])]
+            subs += [f"many{k:04d}" for k in range(many_dirs)]
+            for sub in subs:
                 subprocess.run(["ls", "-f", d.mnt / sub], check=True, stdout=subprocess.DEVNULL)
             hwm = d.vm_hwm_kib()
         finally:
@@ -168,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{hwm / 1024:.0f} MiB",
             )
         )
-    listed = 2 * args.entries + sum(SIZES[: args.big])
+    listed = 2 * args.entries + sum(SIZES[: args.big]) + many_dirs * many_entries
     print()
     print(f"## bench_lookup ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
     print()
@@ -177,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"- cold `stat DIR/NAME` in directories of {args.entries} entries (median of "
         f"{args.runs}, fresh mount, page cache dropped); VmHWM after `ls -f` of "
-        f"{listed} entries in {2 + args.big} directories"
+        f"{listed} entries in {2 + args.big + many_dirs} directories"
     )
     print()
     print("| source | plain lookup | encrypted lookup | daemon VmHWM |")

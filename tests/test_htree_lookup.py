@@ -18,12 +18,14 @@ import random
 import shutil
 import struct
 import tracemalloc
+import uuid
 from pathlib import Path
 
 import pytest
 
 from ciphertextfs.ext4 import dirent
 from ciphertextfs.ext4.directory import IndexInconclusive
+from ciphertextfs.ext4.dirhash import DX_HASH_HALF_MD4, ext4fs_dirhash
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import EXT4_INDEX_FL
 from ciphertextfs.fscrypt.nokey import base64url_decode, base64url_encode
@@ -280,3 +282,68 @@ def test_listing_charges_are_honest_and_the_cache_stays_within_its_bytes(image, 
         assert view._listings.get(first) is not None, "held alone, though bigger than the bound"
         assert view.listing(second).entries
         assert view._listings.get(first) is None and len(view._listings) == 1
+
+
+COLLISION_SEED = "6c6f6f6b-7570-4000-8000-636f6c6c6973"
+"""A fixed s_hash_seed, so that the names found to collide below collide on disk."""
+
+
+def _colliding_pairs(seed: bytes) -> list[tuple[bytes, bytes]]:
+    """Pairs of names with the same half_md4 hash (a birthday search)."""
+    seen: dict[int, bytes] = {}
+    pairs = []
+    for i in range(1 << 18):
+        name = b"c%07d-" % i + b"p" * 40
+        h = ext4fs_dirhash(name, DX_HASH_HALF_MD4, seed)[0]
+        if h in seen:
+            pairs.append((seen[h], name))
+        else:
+            seen[h] = name
+    return pairs
+
+
+def _collision_bits(fs: Filesystem, inode) -> int:
+    """How many dx entries carry the collision bit: a hash continued into the next leaf."""
+    bits = 0
+    for lblk in range(inode.i_size // fs.block_size):
+        block = fs.read_block(fs.files.block_at(inode, lblk), cache=False)
+        if lblk == 0:
+            off = dirent.DX_ROOT_COUNT_OFFSET
+        elif dirent.is_dx_node_block(block, fs.block_size):
+            off = dirent.DX_NODE_COUNT_OFFSET
+        else:
+            continue
+        count = struct.unpack_from("<H", block, off + 2)[0]
+        bits += sum(struct.unpack_from("<I", block, off + 8 * i)[0] & 1 for i in range(1, count))
+    return bits
+
+
+def test_names_whose_hash_continues_into_the_next_leaf(tmp_path) -> None:
+    harness.require_kernel()
+    pairs = _colliding_pairs(uuid.UUID(COLLISION_SEED).bytes)
+    assert len(pairs) > 10
+    img = harness.mkfs(
+        tmp_path / "fs.img",
+        block_size=1024,
+        features=("encrypt",),
+        extra=("-E", f"hash_seed={COLLISION_SEED}"),
+    )
+    colliding = [n for p in pairs for n in p]
+    fill = 3000
+    with harness.mounted(img, tmp_path / "mnt") as (_, mnt):
+        d = mnt / "d"
+        d.mkdir()
+        pending = list(colliding)
+        for i in range(fill):
+            (d / f"f{i:06d}-{'q' * 40}").touch()
+            if i % (fill // len(pending)) == 0 and pending:
+                (d / pending.pop().decode()).touch()
+        for name in pending:
+            (d / name.decode()).touch()
+        ino = os.stat(d).st_ino
+    expected = _listing_answers(img, ino)
+    with Filesystem.open(str(img)) as fs:
+        inode = fs.inode(ino)
+        assert _collision_bits(fs, inode) > 0, "the kernel split no colliding pair"
+        for name in colliding:
+            assert lookup_in_index(fs, inode, name) == expected[name], name
