@@ -10,17 +10,19 @@ image must show once the same master keys are added.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from ciphertextfs.fscrypt.errors import FscryptError
 from ciphertextfs.fscrypt.nokey import parse_nokey_name
+from ciphertextfs.viewformat import SYMLINK_REF_PREFIX, decode_side_file, decode_symlink_ref
 from tests import harness, trees
 from tests.harness_restore import SIDE, walk
 from tests.harness_view import CLI, view_mount
@@ -75,6 +77,9 @@ class World:
     hash_seed: str
     archive: Path
     rsynced: Path
+    piped: Path
+    piped_stderr: str
+    view: dict
 
 
 @pytest.fixture(scope="module", params=[4096, 1024], ids=["4k", "1k"])
@@ -101,13 +106,72 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         locked = locked_names(mnt)
     seed = harness.dumpe2fs_header(image)["Directory Hash Seed"]
     archive, rsynced = base / "view.tar", base / "rsynced"
+    piped, spool = base / "piped.img", base / "spool"
+    spool.mkdir()
     with view_mount(image, base / "view") as v:
         xa = ("--xattrs", "--xattrs-include=*", "--acls")
         r = run("tar", *xa, "-cf", archive, "-C", v.mountpoint, ".")
         assert r.returncode == 0, r.stderr
         r = run("rsync", "-aHAX", f"{v.mountpoint}/", rsynced)
         assert r.returncode == 0, r.stderr
-    return World(base, image, plain, locked, seed, archive, rsynced)
+        piped_stderr = tar_pipe_to_restore_image(v.mountpoint, piped, spool)
+        view = view_tree(v.mountpoint)
+    return World(base, image, plain, locked, seed, archive, rsynced, piped, piped_stderr, view)
+
+
+def tar_pipe_to_restore_image(tree: Path, target: Path, spool: Path) -> str:
+    """`tar --xattrs -cf - TREE | restore-image - TARGET`, spooled under `spool`."""
+    tar = subprocess.Popen(
+        ["tar", "--xattrs", "--xattrs-include=*", "--acls", "-cf", "-", "-C", tree, "."],
+        stdout=subprocess.PIPE,
+    )
+    assert tar.stdout is not None
+    try:
+        r = subprocess.run(
+            [*CLI, "restore-image", "-", target],
+            stdin=tar.stdout,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(os.environ, TMPDIR=os.fspath(spool)),
+        )
+    finally:
+        tar.stdout.close()
+        assert tar.wait(timeout=60) == 0
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(spool) == []
+    return r.stderr
+
+
+def view_tree(mnt: Path) -> dict:
+    """What the view shows, with the inode numbers it shows left out.
+
+    Everything a backup keeps (names, kinds, modes, owners, mtimes, contents,
+    sizes, xattrs, hard-link groups) must be the same over the original and
+    the restored image.  Inode numbers differ wherever no policy binds them,
+    and the view names them in two places: `fscrypt:2:<ino>` targets of long
+    encrypted symlinks and the `l <ino>` lines of side files.  Those targets
+    are replaced by the side-file line they refer to, and side files are
+    compared by their names and symlink targets.  Directory sizes are
+    already left out by `walk`.
+    """
+    tree = walk(mnt)
+    sides = {}
+    for rel, node in tree.items():
+        if os.path.basename(rel) == SIDE:
+            side = decode_side_file((mnt / rel).read_bytes())
+            assert side.damaged == 0
+            sides[os.path.dirname(rel)] = side
+            tree[rel] = replace(
+                node,
+                content=(side.version, sorted(side.names.items()), sorted(side.symlinks.values())),
+            )
+    for rel, node in tree.items():
+        if isinstance(node.content, bytes) and node.content.startswith(SYMLINK_REF_PREFIX):
+            side = sides[os.path.dirname(rel)]
+            target = side.symlinks[decode_symlink_ref(node.content)]
+            tree[rel] = replace(node, content=b"ref:" + target)
+    return tree
 
 
 def restore_image(source: Path, target: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -121,7 +185,7 @@ def e2fsck(image: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def from_tar(world: World) -> Path:
     out = world.base / "from-tar.img"
-    r = restore_image(world.archive, out, "-q", "-E", f"hash_seed={world.hash_seed}")
+    r = restore_image(world.archive, out, "-q")
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     return out
@@ -158,7 +222,34 @@ def test_tar_backup_round_trip(world: World, from_tar: Path) -> None:
 
 
 def test_rsync_backup_round_trip(world: World, from_rsync: Path) -> None:
-    check_image(world, from_rsync, same_seed=False)
+    check_image(world, from_rsync, same_seed=True)
+
+
+def test_tar_on_standard_input_round_trip(world: World) -> None:
+    assert "copying standard input" in world.piped_stderr
+    assert "0 entries not restored" in world.piped_stderr
+    check_image(world, world.piped, same_seed=True)
+
+
+def test_the_directory_hash_comes_back(world: World, from_rsync: Path) -> None:
+    """Seed, default algorithm and char signedness, without any -E option."""
+    old, new = harness.dumpe2fs_header(world.image), harness.dumpe2fs_header(from_rsync)
+    for field in ("Directory Hash Seed", "Default directory hash", "Filesystem flags"):
+        assert new[field] == old[field], field
+    seed = old["Directory Hash Seed"].replace("-", "")
+    want = ("user.fscrypt.dirhash", f"{old['Default directory hash']} {seed}".encode())
+    dirs = [n for n in world.view.values() if n.kind == oct(stat.S_IFDIR)]
+    assert dirs and all(want in n.xattrs for n in dirs)
+
+
+def test_the_view_of_the_new_image_is_the_view_of_the_original(
+    world: World, from_tar: Path
+) -> None:
+    with view_mount(from_tar, world.base / "view-new") as v:
+        got = view_tree(v.mountpoint)
+    assert got.keys() == world.view.keys()
+    for rel, node in world.view.items():
+        assert got[rel] == node, rel
 
 
 def test_policies_keep_inode_numbers_and_uuid(world: World, from_rsync: Path) -> None:
@@ -192,7 +283,7 @@ def test_damaged_backups_are_reported_and_the_image_is_clean(world: World) -> No
     )
     os.setxattr(victim, "user.fscrypt.context", b"\x01\x01")
     out = world.base / "damaged.img"
-    r = restore_image(damaged, out, "-E", f"hash_seed={world.hash_seed}")
+    r = restore_image(damaged, out)
     assert r.returncode == 1, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if "not restored:" in ln]
     assert any("long name missing" in ln and names.name in ln for ln in lines), r.stderr
@@ -322,3 +413,84 @@ def test_a_target_too_small_costs_files_never_the_directories(tmp_path: Path) ->
     assert e2fsck(out).returncode == 0, e2fsck(out).stdout
     listing = set(run("debugfs", "-R", "ls /d1/d2", out).stdout.split())
     assert {f"d1/d2/{n}" for n in names if n not in listing} == lost - {"d1/f0", "d1/f1"}
+
+
+def restored_dirhash(tmp_path: Path, value: bytes | None, *extra: str) -> tuple[dict, str, int]:
+    """restore-image of a tree whose root carries `value`; e2fsck checks the
+    hashes of its htree directory, whose names have bytes >= 0x80 (where
+    signed and unsigned hashes differ)."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    tail = "\u00e9t\u00e9-" + "\u00fc" * 40
+    for i in range(300):
+        (src / "d" / f"{i:03d}-{tail}").touch()
+    if value is not None:
+        os.setxattr(src, "user.fscrypt.dirhash", value)
+    out = tmp_path / "out.img"
+    r = restore_image(src, out, *extra)
+    assert e2fsck(out).returncode == 0, e2fsck(out).stdout
+    assert "d" in run("debugfs", "-R", "ls -l /", out).stdout
+    return harness.dumpe2fs_header(out), r.stderr, r.returncode
+
+
+SEED = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("value", "algorithm", "flag"),
+    [
+        (b"tea_unsigned " + SEED.encode(), "tea", "unsigned_directory_hash"),
+        (b"legacy " + SEED.encode(), "legacy", "signed_directory_hash"),
+        (b"half_md4 " + bytes(32).hex()[:32].encode(), "half_md4", "signed_directory_hash"),
+    ],
+    ids=["tea-unsigned", "legacy-signed", "zero-seed"],
+)
+def test_the_backup_s_directory_hash_is_given_to_the_new_filesystem(
+    tmp_path: Path, value: bytes, algorithm: str, flag: str
+) -> None:
+    header, err, rc = restored_dirhash(tmp_path, value)
+    assert rc == 0, err
+    seed = value.split()[1].decode()
+    # dumpe2fs leaves out an all-zero seed (which the kernel reads as "no seed").
+    assert header.get("Directory Hash Seed", "").replace("-", "") == (seed if int(seed, 16) else "")
+    assert header["Default directory hash"] == algorithm
+    assert header["Filesystem flags"].split() == [flag]
+
+
+def test_hash_seed_given_by_the_admin_wins(tmp_path: Path) -> None:
+    mine = "fedcba98-7654-3210-fedc-ba9876543210"
+    header, err, rc = restored_dirhash(
+        tmp_path, b"tea_unsigned " + SEED.encode(), "-E", f"hash_seed={mine}"
+    )
+    assert rc == 0, err
+    assert header["Directory Hash Seed"] == mine
+    assert header["Default directory hash"] == "tea"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"half_md4 0123", b"siphash " + SEED.encode(), b"half_md4  " + SEED.encode(), b""],
+    ids=["short-seed", "unknown-algorithm", "two-spaces", "empty"],
+)
+def test_a_bad_directory_hash_is_reported_and_ignored(tmp_path: Path, value: bytes) -> None:
+    header, err, rc = restored_dirhash(tmp_path, value)
+    assert rc == 1, err
+    assert "user.fscrypt.dirhash" in err and "ignored" in err
+    assert header["Directory Hash Seed"].replace("-", "") != SEED
+
+
+def test_inspect_shows_the_directory_hash(world: World, tmp_path: Path) -> None:
+    header = harness.dumpe2fs_header(world.image)
+    r = run(*CLI, "inspect", "--json", world.rsynced / encdir("v2"), world.rsynced / "plain")
+    assert r.returncode == 0, r.stderr
+    for info in json.loads(r.stdout):
+        assert info["dirhash"] == {
+            "algorithm": header["Default directory hash"],
+            "seed": header["Directory Hash Seed"],
+        }
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    os.setxattr(bad, "user.fscrypt.dirhash", b"half_md4 nothex")
+    r = run(*CLI, "inspect", bad)
+    assert r.returncode == 1
+    assert "problem: user.fscrypt.dirhash seed is not 32 lowercase hex digits" in r.stdout

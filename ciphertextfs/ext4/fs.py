@@ -317,6 +317,10 @@ class Filesystem:
         """The dx_root's hash version of an indexed directory, else None."""
         return self.dirs.dx_root_hash_version(inode)
 
+    @property
+    def default_dirhash(self) -> tuple[int, bytes]:
+        return self.dirs.default_hash()
+
     def readdir_hash(self, inode: Inode) -> ReaddirHash:
         """The (hash, minor hash) the kernel's readdir passes for each entry."""
         return self.dirs.readdir_hash(inode)

@@ -35,7 +35,14 @@ from ciphertextfs.ext4.dirent import (
     encode_leaf_block,
     pack_leaf_blocks,
 )
-from ciphertextfs.ext4.dirhash import dx_hash_version, ext4fs_dirhash
+from ciphertextfs.ext4.dirhash import (
+    DX_HASH_LEGACY_UNSIGNED,
+    DX_HASH_TEA,
+    EXT2_FLAGS_SIGNED_HASH,
+    EXT2_FLAGS_UNSIGNED_HASH,
+    dx_hash_version,
+    ext4fs_dirhash,
+)
 from ciphertextfs.ext4.extents import (
     EXT_INIT_MAX_LEN,
     Mapping,
@@ -63,6 +70,7 @@ from ciphertextfs.ext4.superblock import (
     SUPERBLOCK_OFFSET,
     SUPERBLOCK_SIZE,
     parse_superblock,
+    with_fields,
 )
 from ciphertextfs.ext4.xattr import (
     EXT4_XATTR_INDEX_ENCRYPTION,
@@ -249,6 +257,10 @@ def mkfs_command(plan: Plan, target: str, size: int, opts: MkfsOptions, device: 
     return cmd
 
 
+def admin_hash_seed(opts: MkfsOptions) -> bool:
+    return any(o.startswith("hash_seed=") for o in opts.extended)
+
+
 def make_filesystem(plan: Plan, target: str, opts: MkfsOptions) -> None:
     size = opts.size if opts.size is not None else image_size(plan)
     device = prepare_target(target, size, opts)
@@ -256,6 +268,36 @@ def make_filesystem(plan: Plan, target: str, opts: MkfsOptions) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise TargetError(f"mke2fs failed: {res.stderr.strip() or res.stdout.strip()}")
+    if plan.dirhash is not None:
+        set_dirhash(target, *plan.dirhash, keep_seed=admin_hash_seed(opts))
+
+
+def set_dirhash(target: str, version: int, seed: bytes, *, keep_seed: bool) -> None:
+    """Give the new filesystem the original's directory hash, before anything is written.
+
+    The hash inside a no-key name is computed with s_hash_seed and the hash
+    version (s_def_hash_version for a directory the kernel reads without a
+    dx_root, and for the directories it indexes later), whose legacy
+    algorithms depend on the unsigned-char flag.  mke2fs sets none of them
+    from outside as needed: its hash_seed= option replaces an all-zero seed
+    (which means "no seed" to the kernel) with a random one, and it takes the
+    char signedness of the machine it runs on.
+    """
+    unsigned = version >= DX_HASH_LEGACY_UNSIGNED
+    base = version - DX_HASH_LEGACY_UNSIGNED if unsigned else version
+    assert 0 <= base <= DX_HASH_TEA
+    fd = os.open(target, os.O_RDWR)
+    try:
+        raw = os.pread(fd, SUPERBLOCK_SIZE, SUPERBLOCK_OFFSET)
+        sb = parse_superblock(raw)
+        flags = sb.s_flags & ~(EXT2_FLAGS_SIGNED_HASH | EXT2_FLAGS_UNSIGNED_HASH)
+        flags |= EXT2_FLAGS_UNSIGNED_HASH if unsigned else EXT2_FLAGS_SIGNED_HASH
+        fields: dict[str, int | bytes] = {"s_def_hash_version": base, "s_flags": flags}
+        if not keep_seed:
+            fields["s_hash_seed"] = seed
+        os.pwrite(fd, with_fields(raw, **fields), SUPERBLOCK_OFFSET)
+    finally:
+        os.close(fd)
 
 
 # -- filling it ----------------------------------------------------------------

@@ -179,7 +179,7 @@ class View:
         context = raw = None
         size = inode.i_size
         if inode.is_dir and (inode.is_encrypted or self._encrypting):
-            xattrs.update(encode_dir_xattrs(self.fs.block_size))
+            xattrs.update(encode_dir_xattrs(self.fs.block_size, self.fs.default_dirhash))
         if inode.is_encrypted:
             raw = fscrypt_context_raw(on_disk)
             if raw is None:
