@@ -494,3 +494,36 @@ def test_inspect_shows_the_directory_hash(world: World, tmp_path: Path) -> None:
     r = run(*CLI, "inspect", bad)
     assert r.returncode == 1
     assert "problem: user.fscrypt.dirhash seed is not 32 lowercase hex digits" in r.stdout
+
+
+def test_tar_redirected_from_a_file_is_read_in_place(world: World) -> None:
+    out = world.base / "redirected.img"
+    with open(world.archive, "rb") as f:
+        r = subprocess.run(
+            [*CLI, "restore-image", "-", out], stdin=f, capture_output=True, text=True, timeout=300
+        )
+    assert r.returncode == 0, r.stderr
+    assert "copying" not in r.stderr
+    assert e2fsck(out).returncode == 0
+
+
+def test_standard_input_without_room_for_its_copy_is_a_clear_fatal_error(
+    world: World, tmp_path: Path
+) -> None:
+    out = tmp_path / "never.img"
+    with open(world.archive, "rb") as f:
+        cat = subprocess.Popen(["cat"], stdin=f, stdout=subprocess.PIPE)
+        assert cat.stdout is not None
+        r = subprocess.run(
+            [*CLI, "restore-image", "-q", "-", out],
+            stdin=cat.stdout,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(os.environ, TMPDIR=os.fspath(tmp_path / "missing")),
+        )
+        cat.stdout.close()
+        cat.wait()
+    assert r.returncode == 2
+    assert "cannot copy standard input to" in r.stderr and "TMPDIR" in r.stderr
+    assert not out.exists()
