@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import tarfile
@@ -30,6 +31,33 @@ from tests.harness_view import CLI, view_mount
 POLICIES = tuple(p.name for p in trees.POLICIES)
 POLICIES_1K = ("v1", "v2", "v2-ino32")
 FULL = ("v2",)
+
+
+FRAGMENTED = "fragmented"
+FRAGMENTS = 2000
+"""One-block runs between holes: more extents than a depth-1 tree holds
+(4 x 340 with 4 KiB blocks, 4 x 84 with 1 KiB)."""
+
+
+def write_fragmented(path: Path, block: int, runs: int) -> None:
+    """A sparse file of `runs` one-block extents, written through the kernel."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for i in range(runs):
+            os.pwrite(fd, os.urandom(block), 2 * i * block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def extent_levels(image: Path, ino: int) -> tuple[int, int]:
+    """(tree depth, leaf extents) of an inode, as debugfs lists them."""
+    out = run("debugfs", "-R", f"ex <{ino}>", image).stdout
+    rows = [re.match(r"\s*(\d+)/\s*(\d+)", ln) for ln in out.splitlines()[1:]]
+    levels = [(int(m[1]), int(m[2])) for m in rows if m]
+    assert levels, out
+    depth = levels[0][1]
+    return depth, sum(1 for lvl, _ in levels if lvl == depth)
 
 
 def encdir(name: str) -> str:
@@ -100,6 +128,8 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                 d.mkdir()
                 trees.POLICY[name].apply(d, keys)
                 trees.write_tree(d, block, small=name not in FULL)
+                if name in FULL:
+                    write_fragmented(d / FRAGMENTED, block, FRAGMENTS)
             os.sync()
             plain = walk(mnt)
             trees.lock(mnt, keys)
@@ -527,3 +557,38 @@ def test_standard_input_without_room_for_its_copy_is_a_clear_fatal_error(
     assert r.returncode == 2
     assert "cannot copy standard input to" in r.stderr and "TMPDIR" in r.stderr
     assert not out.exists()
+
+
+def test_a_fragmented_file_gets_a_deep_extent_tree(world: World, from_tar: Path) -> None:
+    """2000 extents: depth 2 (the contents are compared with the keys by
+    test_tar_backup_round_trip)."""
+    block = harness.dumpe2fs_header(world.image)["Block size"]
+    with harness.mounted(from_tar, world.base / "frag.mnt") as (_dev, mnt):
+        with trees.keys_added(mnt) as keys:
+            ino = os.stat(mnt / encdir("v2") / FRAGMENTED).st_ino
+            trees.lock(mnt, keys)
+    assert extent_levels(from_tar, ino) == (2, FRAGMENTS), block
+
+
+def test_a_plain_file_of_thirty_thousand_extents_gets_depth_three(tmp_path: Path) -> None:
+    """1 KiB blocks: 84 extents a block, so 4 x 84 x 84 fit in depth 2."""
+    src = tmp_path / "src"
+    src.mkdir()
+    os.setxattr(src, "user.fscrypt.block_size", b"1024")
+    runs = 4 * 84 * 84 + 100
+    fd = os.open(src / "sparse", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for i in range(runs):
+            os.pwrite(fd, b"%d" % (i % 9 + 1), 2048 * i)
+    finally:
+        os.close(fd)
+    out = tmp_path / "deep.img"
+    r = restore_image(src, out, "-q")
+    assert r.returncode == 0, r.stderr
+    assert harness.dumpe2fs_header(out)["Block size"] == "1024"
+    check = e2fsck(out)
+    assert check.returncode == 0, check.stdout
+    with harness.mounted(out, tmp_path / "deep.mnt") as (_dev, mnt):
+        assert (mnt / "sparse").read_bytes() == (src / "sparse").read_bytes()
+        ino = os.stat(mnt / "sparse").st_ino
+    assert extent_levels(out, ino) == (3, runs)

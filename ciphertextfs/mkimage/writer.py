@@ -44,6 +44,7 @@ from ciphertextfs.ext4.dirhash import (
     ext4fs_dirhash,
 )
 from ciphertextfs.ext4.extents import (
+    EXT4_EXT_MAX_DEPTH,
     EXT_INIT_MAX_LEN,
     Mapping,
     encode_header,
@@ -527,28 +528,45 @@ class ImageWriter:
         return mappings, used
 
     def _extent_tree(self, node: Node, mappings: list[Mapping]) -> tuple[bytes, int]:
-        """i_block and the number of tree blocks for a list of mappings."""
+        """i_block and the number of tree blocks for a list of mappings.
+
+        Leaves are filled, then as many levels of full index blocks as the
+        four entries of i_block need: a fragmented file (a sparse encrypted
+        file has one extent per written run) gets the shallowest tree that
+        holds it, which is also the one e2fsck finds nothing to narrow in.
+        """
         if len(mappings) <= 4:
             body = encode_header(len(mappings), 4, 0) + encode_leaf(mappings)
             return body.ljust(I_BLOCK_SIZE, b"\0"), 0
         per = extents_per_block(self.bs)
-        leaves = [mappings[i : i + per] for i in range(0, len(mappings), per)]
-        if len(leaves) > 4:
-            raise RestoreProblem(
-                f"{len(mappings)} extents: files this fragmented are not written yet"
-            )
         seed = self._inode_seed(node)
-        index = []
-        for leaf in leaves:
-            blk = self._alloc_one()
-            body = encode_header(len(leaf), per, 0) + encode_leaf(leaf)
-            body = body.ljust(12 + 12 * per, b"\0")
-            if seed is not None:
-                body += extent_block_tail(body, seed)
-            self._pwrite(blk, body.ljust(self.bs, b"\0"))
-            index.append(encode_index(leaf[0].lblk, blk))
-        i_block = encode_header(len(leaves), 4, 1) + b"".join(index)
-        return i_block.ljust(I_BLOCK_SIZE, b"\0"), len(leaves)
+        level = [
+            (chunk[0].lblk, encode_leaf(chunk), len(chunk))
+            for chunk in (mappings[i : i + per] for i in range(0, len(mappings), per))
+        ]
+        depth = 0
+        written = 0
+        while True:
+            if depth >= EXT4_EXT_MAX_DEPTH:
+                raise RestoreProblem(f"{len(mappings)} extents need a deeper tree than ext4's")
+            index = []
+            for first, entries, count in level:
+                blk = self._alloc_one()
+                body = (encode_header(count, per, depth) + entries).ljust(12 + 12 * per, b"\0")
+                if seed is not None:
+                    body += extent_block_tail(body, seed)
+                self._pwrite(blk, body.ljust(self.bs, b"\0"))
+                index.append((first, encode_index(first, blk)))
+            written += len(level)
+            depth += 1
+            if len(index) <= 4:
+                break
+            level = [
+                (chunk[0][0], b"".join(e for _, e in chunk), len(chunk))
+                for chunk in (index[i : i + per] for i in range(0, len(index), per))
+            ]
+        i_block = encode_header(len(index), 4, depth) + b"".join(e for _, e in index)
+        return i_block.ljust(I_BLOCK_SIZE, b"\0"), written
 
     def _inode_seed(self, node: Node) -> int | None:
         if self.seed is None:
