@@ -592,3 +592,58 @@ def test_a_plain_file_of_thirty_thousand_extents_gets_depth_three(tmp_path: Path
         assert (mnt / "sparse").read_bytes() == (src / "sparse").read_bytes()
         ino = os.stat(mnt / "sparse").st_ino
     assert extent_levels(out, ino) == (3, runs)
+
+
+@pytest.fixture(scope="module")
+def huge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One directory of 47,000 names of 255 bytes (hard links of one file), for
+    1 KiB blocks: three entries a leaf, and a root of 123 entries over nodes
+    of 126 (metadata_csum) hold 15,498 leaves in two levels."""
+    src = tmp_path_factory.mktemp("hugedir") / "src"
+    (src / "big").mkdir(parents=True)
+    os.setxattr(src, "user.fscrypt.block_size", b"1024")
+    (src / "file").write_bytes(b"one inode\n")
+    for i in range(47_000):
+        os.link(src / "file", src / "big" / (f"{i:06d}-" + "n" * 248))
+    return src
+
+
+def htree_levels_of(image: Path, path: str) -> int:
+    out = run("debugfs", "-R", f"htree {path}", image).stdout
+    m = re.search(r"Indirect levels: (\d+)", out)
+    assert m, out[:2000]
+    return int(m[1]) + 1
+
+
+def test_a_directory_needing_three_htree_levels_gets_large_dir(
+    huge_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "huge.img"
+    r = restore_image(huge_dir, out, "-q")
+    assert r.returncode == 0, r.stderr
+    assert "large_dir" in harness.dumpe2fs_header(out)["Filesystem features"].split()
+    check = e2fsck(out)
+    assert check.returncode == 0, check.stdout
+    assert htree_levels_of(out, "/big") == 3
+    names = sorted(os.listdir(huge_dir / "big"))
+    with harness.mounted(out, tmp_path / "huge.mnt") as (_dev, mnt):
+        assert sorted(os.listdir(mnt / "big")) == names
+        # Lookups go through the three levels: every 97th name, and the last.
+        for name in [*names[::97], names[-1]]:
+            assert (mnt / "big" / name).read_bytes() == b"one inode\n"
+        assert os.stat(mnt / "file").st_nlink == 47_001
+
+
+def test_without_large_dir_a_huge_directory_is_written_linear(
+    huge_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "linear.img"
+    r = restore_image(huge_dir, out, "-O", "^large_dir")
+    assert r.returncode == 1, r.stderr
+    assert "big: 47000 entries need 3 htree levels" in r.stderr
+    assert "0 entries not restored" in r.stderr
+    check = e2fsck(out)
+    assert check.returncode == 0, check.stdout
+    with harness.mounted(out, tmp_path / "linear.mnt") as (_dev, mnt):
+        assert len(os.listdir(mnt / "big")) == 47_000
+        assert os.stat(mnt / "file").st_nlink == 47_001

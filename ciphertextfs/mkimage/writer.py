@@ -68,6 +68,7 @@ from ciphertextfs.ext4.superblock import (
     INCOMPAT_ENCRYPT,
     INCOMPAT_EXTENTS,
     INCOMPAT_FILETYPE,
+    INCOMPAT_LARGEDIR,
     SUPERBLOCK_OFFSET,
     SUPERBLOCK_SIZE,
     parse_superblock,
@@ -81,7 +82,7 @@ from ciphertextfs.ext4.xattr import (
     encode_block,
     encode_ibody,
 )
-from ciphertextfs.restore.backup import Backup, Entry, Kind
+from ciphertextfs.restore.backup import Backup, Entry, Kind, show_path
 from ciphertextfs.restore.plan import RestoreProblem
 from ciphertextfs.restore.report import Report
 
@@ -93,6 +94,8 @@ INODE_SIZE = 256
 READ_CHUNK = 1 << 20
 EXT4_LINK_MAX = 65000
 MAX_I_BLOCKS = 1 << 48
+EXT4_HTREE_LEVEL = 3
+"""Index levels (the root included) the kernel follows with large_dir; 2 without."""
 
 _FILE_TYPE = {
     Kind.REG: EXT4_FT_REG_FILE,
@@ -237,11 +240,30 @@ def prepare_target(target: str, size: int, opts: MkfsOptions) -> bool:
     return False
 
 
+def needs_large_dir(plan: Plan, bs: int) -> bool:
+    """Whether a directory may need a third htree level (large_dir, Linux 4.13).
+
+    Counted with metadata_csum's smaller blocks and a margin, since the
+    leaves are packed in hash order, which mke2fs has not chosen yet; the
+    feature is only asked for when a directory comes close, so that other
+    images still mount on older kernels.
+    """
+    capacity = dx_limit(bs, DX_ROOT_COUNT_OFFSET, True) * dx_limit(bs, DX_NODE_COUNT_OFFSET, True)
+    for node in plan.nodes:
+        if node.kind is Kind.DIR and len(node.children) > capacity * 0.9:
+            entries = [(0, b".", 0), (0, b"..", 0)] + [(0, n, 0) for n, _ in node.children]
+            if len(pack_leaf_blocks(entries, bs, True)) > capacity * 0.9:
+                return True
+    return False
+
+
 def mkfs_command(plan: Plan, target: str, size: int, opts: MkfsOptions, device: bool) -> list[str]:
     bs = block_size_of(plan)
     features = ["encrypt"]
     if plan.fs_uuid is not None:
         features.append("stable_inodes")
+    if needs_large_dir(plan, bs) and not any(f.endswith("large_dir") for f in opts.features):
+        features.append("large_dir")
     features += opts.features
     cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-b", str(bs), "-I", str(INODE_SIZE)]
     cmd += ["-N", str(inode_count(plan, size)), "-O", ",".join(features)]
@@ -385,7 +407,8 @@ class ImageWriter:
                 entries = [(0, b".", 0), (0, b"..", 0)] + [(0, n, 0) for n, _ in node.children]
                 leaves = len(pack_leaf_blocks(entries, bs, csum))
                 if leaves > 1:
-                    leaves += 1 + _ceil(leaves, dx_limit(bs, DX_NODE_COUNT_OFFSET, csum))
+                    per = dx_limit(bs, DX_NODE_COUNT_OFFSET, csum)
+                    leaves += 1 + _ceil(leaves, per) + _ceil(leaves, per * per)
                 need += leaves + (0 if leaves <= 4 else 4)
             elif node.kind is Kind.SYMLINK and len(node.body) >= I_BLOCK_SIZE:
                 need += 1
@@ -677,9 +700,10 @@ class ImageWriter:
         ]
         packed = pack_leaf_blocks(entries, self.bs, self.seed is not None)
         seed = self._inode_seed(node)
+        blocks = None
         if len(packed) > 1 and self.sb.has_compat(COMPAT_DIR_INDEX):
             blocks = self._htree(node, entries[2:], seed)
-        else:
+        if blocks is None:
             blocks = [encode_leaf_block(b, self.bs, seed) for b in packed]
         mappings: list[Mapping] = []
         lblk = 0
@@ -693,8 +717,9 @@ class ImageWriter:
 
     def _htree(
         self, node: Node, entries: list[tuple[int, bytes, int]], seed: int | None
-    ) -> list[bytes]:
-        """The blocks of an indexed directory: root, interior nodes, leaves in hash order.
+    ) -> list[bytes] | None:
+        """The blocks of an indexed directory: root, interior nodes, leaves in hash order;
+        None when the filesystem allows too few levels for it.
 
         Names are hashed as the kernel hashes them for lookups (the
         ciphertext name in an encrypted directory), with the filesystem's
@@ -721,34 +746,52 @@ class ImageWriter:
             pos += len(leaf)
         root_limit = dx_limit(bs, DX_ROOT_COUNT_OFFSET, csum)
         node_limit = dx_limit(bs, DX_NODE_COUNT_OFFSET, csum)
-        if len(leaves) <= root_limit:
-            first_leaf = 1
-            root = [(index[i], first_leaf + i) for i in range(len(leaves))]
-            interior: list[bytes] = []
-            levels = 0
-        else:
-            groups = _ceil(len(leaves), node_limit)
-            if groups > root_limit:
-                raise RestoreProblem(
-                    f"directory of {len(entries)} entries needs a third htree level (largedir)"
-                )
-            first_leaf = 1 + groups
-            root, interior = [], []
-            for g in range(groups):
-                lo = g * node_limit
-                part = range(lo, min(lo + node_limit, len(leaves)))
-                interior.append(
-                    encode_dx_node([(index[i], first_leaf + i) for i in part], bs, seed)
-                )
-                root.append((index[lo], 1 + g))
-            levels = 1
+        counts = htree_levels(len(leaves), root_limit, node_limit)
+        allowed = EXT4_HTREE_LEVEL if self.sb.has_incompat(INCOMPAT_LARGEDIR) else 2
+        if len(counts) >= allowed:
+            # Its entries are written already: refusing the directory would
+            # leave them unattached.  A linear directory holds any number.
+            self.plan.warnings += 1
+            self.report.note(
+                f"{show_path(node.path)}: {len(entries)} entries need {len(counts) + 1} htree "
+                f"levels, this filesystem allows {allowed}"
+                + ("" if allowed == EXT4_HTREE_LEVEL else " (-O large_dir allows 3)")
+                + ": written as a linear directory, whose lookups are slow and whose "
+                "no-key names carry no hash"
+            )
+            return None
+        # Block 0 is the root, then the interior levels from the top down,
+        # then the leaves; the tree is built from the leaves up.
+        starts = []
+        pos = 1
+        for count in reversed(counts):
+            starts.insert(0, pos)
+            pos += count
+        refs = [(index[i], pos + i) for i in range(len(leaves))]
+        interior: list[list[bytes]] = []
+        for level, start in enumerate(starts):
+            groups = [refs[i : i + node_limit] for i in range(0, len(refs), node_limit)]
+            assert len(groups) == counts[level]
+            interior.insert(0, [encode_dx_node(g, bs, seed) for g in groups])
+            refs = [(g[0][0], start + k) for k, g in enumerate(groups)]
         blocks = [
-            encode_dx_root(node.ino, node.parent.ino, raw_version, levels, root, bs, seed),
-            *interior,
+            encode_dx_root(node.ino, node.parent.ino, raw_version, len(counts), refs, bs, seed),
+            *(b for level in interior for b in level),
         ]
         blocks += [encode_leaf_block(b, bs, seed) for b in leaves]
         node.indexed = True
         return blocks
+
+
+def htree_levels(leaves: int, root_limit: int, node_limit: int) -> list[int]:
+    """Interior blocks per level, from the level above the leaves up, for the
+    fewest levels under a root of root_limit entries."""
+    counts: list[int] = []
+    n = leaves
+    while n > root_limit:
+        n = _ceil(n, node_limit)
+        counts.append(n)
+    return counts
 
 
 def _add_mapping(mappings: list[Mapping], lblk: int, pblk: int, n: int) -> None:
