@@ -647,3 +647,71 @@ def test_without_large_dir_a_huge_directory_is_written_linear(
     with harness.mounted(out, tmp_path / "linear.mnt") as (_dev, mnt):
         assert len(os.listdir(mnt / "big")) == 47_000
         assert os.stat(mnt / "file").st_nlink == 47_001
+
+
+def test_xattrs_larger_than_a_block_come_back_in_ea_inodes(tmp_path: Path) -> None:
+    """The kernel keeps them in EA inodes on the original (ea_inode); the view
+    passes them through tar; the new image gets ea_inode and EA inodes."""
+    harness.require_fuse()
+    image = harness.mkfs(tmp_path / "src.img", size_mb=32, features=("encrypt", "ea_inode"))
+    big = {
+        "file": {"user.big": os.urandom(20_000), "user.small": b"x"},
+        "dir": {"user.big": os.urandom(6_000)},
+        "enc/file": {
+            "user.a": os.urandom(2_000),
+            "user.b": os.urandom(2_000),
+            "user.c": os.urandom(2_000),
+        },
+        "enc/sub": {"user.big": os.urandom(65_000)},
+    }
+    with harness.mounted(image, tmp_path / "src.mnt") as (_dev, mnt):
+        with trees.keys_added(mnt) as keys:
+            (mnt / "dir").mkdir()
+            (mnt / "dir" / "inside").write_bytes(b"below a directory with a big xattr\n")
+            (mnt / "enc").mkdir()
+            trees.POLICY["v2"].apply(mnt / "enc", keys)
+            (mnt / "enc" / "sub").mkdir()
+            (mnt / "enc" / "sub" / "inside").write_bytes(b"secret\n")
+            for rel in ("file", "enc/file"):
+                (mnt / rel).write_bytes(rel.encode() * 1000)
+            for rel, xs in big.items():
+                for name, value in xs.items():
+                    os.setxattr(mnt / rel, name, value)
+            os.sync()
+            plain = walk(mnt)
+            trees.lock(mnt, keys)
+    archive = tmp_path / "view.tar"
+    with view_mount(image, tmp_path / "view") as v:
+        r = run("tar", "--xattrs", "--xattrs-include=*", "-cf", archive, "-C", v.mountpoint, ".")
+        assert r.returncode == 0, r.stderr
+    out = tmp_path / "new.img"
+    r = restore_image(archive, out, "-q")
+    assert r.returncode == 0, r.stderr
+    assert "ea_inode" in harness.dumpe2fs_header(out)["Filesystem features"].split()
+    check = e2fsck(out)
+    assert check.returncode == 0, check.stdout
+    with harness.mounted(out, tmp_path / "new.mnt") as (_dev, mnt):
+        with trees.keys_added(mnt) as keys:
+            restored = walk(mnt)
+            for rel, xs in big.items():
+                for name, value in xs.items():
+                    assert os.getxattr(mnt / rel, name) == value, (rel, name)
+            trees.lock(mnt, keys)
+    assert restored == plain
+    # Without ea_inode: the files lose their entry, the directories (whose
+    # entries are written first) only the xattr, and the image stays clean.
+    out = tmp_path / "no-ea.img"
+    r = restore_image(archive, out, "-O", "^ea_inode")
+    assert r.returncode == 1, r.stderr
+    lost = sorted(ln.split(": ")[2] for ln in r.stderr.splitlines() if "not restored:" in ln)
+    assert len(lost) == 2 and lost[1] == "file" and lost[0].startswith("enc/"), r.stderr
+    assert sum("xattr user.big left out" in ln for ln in r.stderr.splitlines()) == 2, r.stderr
+    check = e2fsck(out)
+    assert check.returncode == 0, check.stdout
+    with harness.mounted(out, tmp_path / "no-ea.mnt") as (_dev, mnt):
+        assert os.listxattr(mnt / "dir") == []
+        assert (mnt / "dir" / "inside").read_bytes() == b"below a directory with a big xattr\n"
+        with trees.keys_added(mnt) as keys:
+            assert (mnt / "enc" / "sub" / "inside").read_bytes() == b"secret\n"
+            assert not (mnt / "enc" / "file").exists()
+            trees.lock(mnt, keys)

@@ -115,6 +115,17 @@ class Plan:
     """Entries written, but with something of the backup reported and ignored."""
 
 
+def backup_name(x: Xattr) -> str:
+    """The name an on-disk xattr had in the backup, for messages."""
+    for name, index in _ACL_INDEX.items():
+        if x.name_index == index:
+            return name.decode()
+    for prefix, index in _XATTR_PREFIXES:
+        if x.name_index == index:
+            return (prefix + x.name).decode(errors="replace")
+    return f"(index {x.name_index}) {x.name.decode(errors='replace')}"
+
+
 def disk_xattrs(xattrs: dict[bytes, bytes]) -> list[Xattr]:
     """The original xattrs (user.fscrypt.* stripped) under their ext4 name indexes."""
     out = []

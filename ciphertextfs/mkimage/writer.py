@@ -54,6 +54,7 @@ from ciphertextfs.ext4.extents import (
     extents_per_block,
 )
 from ciphertextfs.ext4.inode import (
+    EXT4_EA_INODE_FL,
     EXT4_ENCRYPT_FL,
     EXT4_EXTENTS_FL,
     EXT4_INDEX_FL,
@@ -65,6 +66,7 @@ from ciphertextfs.ext4.inode import (
 )
 from ciphertextfs.ext4.superblock import (
     COMPAT_DIR_INDEX,
+    INCOMPAT_EA_INODE,
     INCOMPAT_ENCRYPT,
     INCOMPAT_EXTENTS,
     INCOMPAT_FILETYPE,
@@ -77,17 +79,20 @@ from ciphertextfs.ext4.superblock import (
 from ciphertextfs.ext4.xattr import (
     EXT4_XATTR_INDEX_ENCRYPTION,
     XATTR_HEADER_SIZE,
+    EaRefs,
     Xattr,
     area_size,
+    ea_inode_value_hash,
     encode_block,
     encode_ibody,
+    min_large_ea_size,
 )
 from ciphertextfs.restore.backup import Backup, Entry, Kind, show_path
 from ciphertextfs.restore.plan import RestoreProblem
 from ciphertextfs.restore.report import Report
 
 from .libext2fs import Ext2Error, Ext2Fs
-from .plan import FIRST_INO, Node, Plan
+from .plan import FIRST_INO, Node, Plan, backup_name
 
 DEFAULT_BLOCK_SIZE = 4096
 INODE_SIZE = 256
@@ -141,7 +146,20 @@ def block_size_of(plan: Plan) -> int:
 def inode_count(plan: Plan, size: int) -> int:
     """As many inodes as mke2fs would give (one per 16 KiB), and enough for the plan."""
     wanted = max((n.want_ino or 0 for n in plan.nodes), default=0)
-    return max(size // 16384, wanted, len(plan.nodes) + FIRST_INO + 1024)
+    ea = len(large_values(plan))
+    return max(size // 16384, wanted, len(plan.nodes) + ea + FIRST_INO + 1024)
+
+
+def large_values(plan: Plan) -> list[int]:
+    """Sizes of the xattr values that may need EA inodes: every value of a node
+    whose xattrs together do not fit in one block (a bound for sizing)."""
+    bs = block_size_of(plan)
+    return [
+        len(x.value)
+        for n in plan.nodes
+        if XATTR_HEADER_SIZE + area_size(n.xattrs) + 4 > bs
+        for x in n.xattrs
+    ]
 
 
 def image_size(plan: Plan) -> int:
@@ -157,6 +175,7 @@ def image_size(plan: Plan) -> int:
             data += bs
         if len(n.xattrs) > 1:
             data += bs
+    data += sum(_ceil(v, bs) * bs for v in large_values(plan))
     data += plan.name_bytes * 2
     size = data + data // 4 + (64 << 20)
     groups = _ceil(inode_count(plan, size), 8 * bs)
@@ -264,6 +283,8 @@ def mkfs_command(plan: Plan, target: str, size: int, opts: MkfsOptions, device: 
         features.append("stable_inodes")
     if needs_large_dir(plan, bs) and not any(f.endswith("large_dir") for f in opts.features):
         features.append("large_dir")
+    if large_values(plan) and not any(f.endswith("ea_inode") for f in opts.features):
+        features.append("ea_inode")
     features += opts.features
     cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-b", str(bs), "-I", str(INODE_SIZE)]
     cmd += ["-N", str(inode_count(plan, size)), "-O", ",".join(features)]
@@ -352,6 +373,10 @@ class ImageWriter:
                 raise TargetError(f"restore-image needs the {name} feature (-O ^{name} given?)")
         self.bs = self.sb.block_size
         self.inode_size = self.sb.inode_size
+        self.ea_inode = self.sb.has_incompat(INCOMPAT_EA_INODE)
+        self.large_ea = min_large_ea_size(self.bs)
+        self._next_ino = FIRST_INO
+        self._reserved_inos: set[int] = set()
         self.seed = self.sb.csum_seed if self.sb.metadata_csum else None
         self.zero_block = bytes(self.bs)
         self.goal = 0
@@ -404,6 +429,8 @@ class ImageWriter:
             if len(node.xattrs) > 1:
                 need += 1
             if node.kind is Kind.DIR:
+                if XATTR_HEADER_SIZE + area_size(node.xattrs) + 4 > bs:
+                    need += sum(_ceil(len(x.value), bs) + 1 for x in node.xattrs)
                 entries = [(0, b".", 0), (0, b"..", 0)] + [(0, n, 0) for n, _ in node.children]
                 leaves = len(pack_leaf_blocks(entries, bs, csum))
                 if leaves > 1:
@@ -465,6 +492,18 @@ class ImageWriter:
             if node.ino > limit:
                 self.report.problem(node.path, f"inode number {node.ino} beyond {limit}")
                 node.ino = 0
+        self._next_ino = nxt
+        self._reserved_inos = reserved
+
+    def _spare_ino(self) -> int:
+        """An inode number no node has, for an EA inode."""
+        while self._next_ino in self._reserved_inos:
+            self._next_ino += 1
+        ino = self._next_ino
+        if ino > self.sb.s_inodes_count:
+            raise RestoreProblem("no inode left for an xattr value (give a larger --size)")
+        self._next_ino += 1
+        return ino
 
     def _write_node(self, node: Node) -> None:
         self._allocated = []
@@ -550,7 +589,7 @@ class ImageWriter:
                 self.report.tick()
         return mappings, used
 
-    def _extent_tree(self, node: Node, mappings: list[Mapping]) -> tuple[bytes, int]:
+    def _extent_tree(self, ino: int, mappings: list[Mapping]) -> tuple[bytes, int]:
         """i_block and the number of tree blocks for a list of mappings.
 
         Leaves are filled, then as many levels of full index blocks as the
@@ -562,7 +601,7 @@ class ImageWriter:
             body = encode_header(len(mappings), 4, 0) + encode_leaf(mappings)
             return body.ljust(I_BLOCK_SIZE, b"\0"), 0
         per = extents_per_block(self.bs)
-        seed = self._inode_seed(node)
+        seed = self._inode_seed(ino)
         level = [
             (chunk[0].lblk, encode_leaf(chunk), len(chunk))
             for chunk in (mappings[i : i + per] for i in range(0, len(mappings), per))
@@ -591,27 +630,100 @@ class ImageWriter:
         i_block = encode_header(len(index), 4, depth) + b"".join(e for _, e in index)
         return i_block.ljust(I_BLOCK_SIZE, b"\0"), written
 
-    def _inode_seed(self, node: Node) -> int | None:
+    def _inode_seed(self, ino: int) -> int | None:
         if self.seed is None:
             return None
-        return inode_csum_seed(self.seed, node.ino, 0)
+        return inode_csum_seed(self.seed, ino, 0)
 
     # -- xattrs --------------------------------------------------------
 
-    def _split_xattrs(self, node: Node) -> tuple[list[Xattr], list[Xattr]]:
+    def _split_xattrs(self, node: Node) -> tuple[list[Xattr], list[Xattr], list[Xattr]]:
+        """(in the inode, in the EA block, in EA inodes of their own).
+
+        As the kernel does: a value too large to share a block goes to an
+        EA inode, and with the ea_inode feature, when the inode and one block
+        cannot hold the rest, the largest values follow until they can.
+        """
         space = ibody_xattr_space(self.inode_size)
-        xs = node.xattrs
+        xs = list(node.xattrs)
         if not xs:
-            return [], []
-        if 8 + area_size(xs) <= space:
-            return xs, []
-        ctx = [x for x in xs if x.name_index == EXT4_XATTR_INDEX_ENCRYPTION]
-        rest = [x for x in xs if x.name_index != EXT4_XATTR_INDEX_ENCRYPTION]
-        if not ctx or 8 + area_size(ctx) > space:
-            ctx, rest = [], xs
-        if XATTR_HEADER_SIZE + area_size(rest) + 4 > self.bs:
-            raise RestoreProblem("xattrs too large for one block (ea_inode is not supported)")
-        return ctx, rest
+            return [], [], []
+        big: list[Xattr] = []
+        small = list(xs)
+        if self.ea_inode:
+            big = [x for x in xs if (len(x.value) + 3) & ~3 > self.large_ea]
+            small = [x for x in xs if x not in big]
+        while True:
+            refs = {(x.name_index, x.name): (0, 0) for x in big}
+            if 8 + area_size(xs, refs) <= space:
+                return xs, [], big
+            ctx = [x for x in xs if x.name_index == EXT4_XATTR_INDEX_ENCRYPTION]
+            rest = [x for x in xs if x.name_index != EXT4_XATTR_INDEX_ENCRYPTION]
+            if not ctx or 8 + area_size(ctx) > space:
+                ctx, rest = [], xs
+            if XATTR_HEADER_SIZE + area_size(rest, refs) + 4 <= self.bs:
+                return ctx, rest, big
+            movable = [x for x in small if x.name_index != EXT4_XATTR_INDEX_ENCRYPTION]
+            why = "" if self.ea_inode else " (-O ea_inode allows more)"
+            if not movable:
+                raise RestoreProblem(f"xattrs too large for the inode and one block{why}")
+            largest = max(movable, key=lambda x: len(x.value))
+            small.remove(largest)
+            if self.ea_inode:
+                big.append(largest)
+            elif node.kind is Kind.DIR:
+                # Its entries are written already: the directory must be, too.
+                xs = [x for x in xs if x is not largest]
+                self.plan.warnings += 1
+                self.report.note(
+                    f"{show_path(node.path)}: xattr {backup_name(largest)} left out: "
+                    f"too large for the inode and one block{why}"
+                )
+            else:
+                raise RestoreProblem(f"xattrs too large for the inode and one block{why}")
+
+    def _write_ea_values(
+        self, node: Node, big: list[Xattr]
+    ) -> tuple[EaRefs, list[tuple[int, bytes]]]:
+        """Blocks of each EA inode written; (references, inodes still to write).
+
+        An EA inode's blocks are all allocated (the kernel reads a hole in
+        one as corruption); it records the crc32c of its value in i_atime and
+        its reference count in i_version, and its owner's uid and gid.
+        """
+        refs: EaRefs = {}
+        inodes = []
+        for x in big:
+            ino = self._spare_ino()
+            value_hash = ea_inode_value_hash(self.sb.csum_seed, x.value)
+            nblocks = _ceil(len(x.value), self.bs)
+            mappings: list[Mapping] = []
+            lblk = 0
+            for blk, cnt in self._alloc(nblocks):
+                chunk = x.value[lblk * self.bs : (lblk + cnt) * self.bs]
+                self._pwrite(blk, chunk.ljust(cnt * self.bs, b"\0"))
+                _add_mapping(mappings, lblk, blk, cnt)
+                lblk += cnt
+            i_block, tree = self._extent_tree(ino, mappings)
+            raw = encode_inode(
+                self.inode_size,
+                mode=stat.S_IFREG | 0o600,
+                uid=node.uid,
+                gid=node.gid,
+                size=len(x.value),
+                links=1,
+                flags=EXT4_EA_INODE_FL | EXT4_EXTENTS_FL,
+                atime_ns=value_hash * 1_000_000_000,
+                mtime_ns=self.now_ns,
+                ctime_ns=0,
+                crtime_ns=self.now_ns,
+                i_block=i_block,
+                i_blocks=(nblocks + tree) * (self.bs // 512),
+                version=1,
+            )
+            refs[(x.name_index, x.name)] = (ino, value_hash)
+            inodes.append((ino, raw))
+        return refs, inodes
 
     # -- one inode -----------------------------------------------------
 
@@ -623,11 +735,11 @@ class ImageWriter:
         size = 0
         nbytes = 0
         links = node.links
-        ibody, block_xattrs = self._split_xattrs(node)
+        ibody, block_xattrs, big = self._split_xattrs(node)
         if node.kind is Kind.REG:
             mappings, blocks = self._write_data(node)
             tree_blocks = 0
-            i_block, tree_blocks = self._extent_tree(node, mappings)
+            i_block, tree_blocks = self._extent_tree(node.ino, mappings)
             blocks += tree_blocks
             flags |= EXT4_EXTENTS_FL
             size = node.size
@@ -655,15 +767,18 @@ class ImageWriter:
                     raise RestoreProblem(f"symlink body of {size} bytes does not fit a block")
                 blk = self._alloc_one()
                 self._pwrite(blk, node.body.ljust(bs, b"\0"))
-                i_block, _ = self._extent_tree(node, [Mapping(0, blk, 1, False)])
+                i_block, _ = self._extent_tree(node.ino, [Mapping(0, blk, 1, False)])
                 blocks = 1
                 flags |= EXT4_EXTENTS_FL
         elif node.kind in (Kind.CHR, Kind.BLK):
             i_block = encode_rdev(*node.rdev)
+        refs, ea_inodes = self._write_ea_values(node, big)
+        # The owner is charged for its EA inodes' values, as the kernel's quota does.
+        blocks += sum(_ceil(len(x.value), bs) for x in big)
         file_acl = 0
         if block_xattrs:
             file_acl = self._alloc_one()
-            self._pwrite(file_acl, encode_block(block_xattrs, bs, file_acl, self.seed))
+            self._pwrite(file_acl, encode_block(block_xattrs, bs, file_acl, self.seed, refs))
             blocks += 1
         i_blocks = blocks * (bs // 512)
         if i_blocks >= MAX_I_BLOCKS:
@@ -683,8 +798,11 @@ class ImageWriter:
             i_block=i_block,
             i_blocks=i_blocks,
             file_acl=file_acl,
-            ibody_xattrs=encode_ibody(ibody, ibody_xattr_space(self.inode_size)),
+            ibody_xattrs=encode_ibody(ibody, ibody_xattr_space(self.inode_size), refs),
         )
+        for ino, ea_raw in ea_inodes:
+            self.fs.alloc_inode(ino, False)
+            self.fs.write_inode(ino, ea_raw)
         if node.ino not in (2, 11):
             self.fs.alloc_inode(node.ino, node.kind is Kind.DIR)
         self.fs.write_inode(node.ino, raw)
@@ -699,7 +817,7 @@ class ImageWriter:
             if c.ino and c.ino not in self.failed
         ]
         packed = pack_leaf_blocks(entries, self.bs, self.seed is not None)
-        seed = self._inode_seed(node)
+        seed = self._inode_seed(node.ino)
         blocks = None
         if len(packed) > 1 and self.sb.has_compat(COMPAT_DIR_INDEX):
             blocks = self._htree(node, entries[2:], seed)
@@ -712,7 +830,7 @@ class ImageWriter:
                 self._pwrite(blk + k, blocks[lblk + k])
             _add_mapping(mappings, lblk, blk, cnt)
             lblk += cnt
-        i_block, tree = self._extent_tree(node, mappings)
+        i_block, tree = self._extent_tree(node.ino, mappings)
         return i_block, len(blocks) + tree
 
     def _htree(
