@@ -180,6 +180,8 @@ def _spool_stdin(quiet: bool) -> tuple[BinaryIO | None, str]:
 
     if stat.S_ISREG(os.fstat(0).st_mode):
         return None, "/proc/self/fd/0"
+    if os.isatty(0):
+        raise CommandError("SOURCE is - but standard input is a terminal", EXIT_FATAL)
     where = os.environ.get("TMPDIR") or "/var/tmp"
     if not quiet:
         print(
