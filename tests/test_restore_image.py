@@ -208,6 +208,18 @@ def restore_image(source: Path, target: Path, *extra: str) -> subprocess.Complet
     return run(*CLI, "restore-image", *extra, source, target)
 
 
+def view_tar_restored(image: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """`tar --xattrs` of the view of `image`, and restore-image of that archive."""
+    archive = tmp_path / "view.tar"
+    with view_mount(image, tmp_path / "view") as v:
+        r = run("tar", "--xattrs", "--xattrs-include=*", "-cf", archive, "-C", v.mountpoint, ".")
+        assert r.returncode == 0, r.stderr
+    out = tmp_path / "new.img"
+    r = restore_image(archive, out, "-q")
+    assert r.returncode == 0, r.stderr
+    return archive, out
+
+
 def e2fsck(image: Path) -> subprocess.CompletedProcess:
     return run("e2fsck", "-fn", image)
 
@@ -397,13 +409,7 @@ def test_fscrypt_tool_unlocks_after_the_round_trip(tmp_path: Path) -> None:
         os.symlink("../diary", secret / "sub" / "link")
         fscrypt("lock", secret, root=mnt)
         assert "diary" not in os.listdir(secret)
-    archive = tmp_path / "view.tar"
-    with view_mount(image, tmp_path / "view") as v:
-        r = run("tar", "--xattrs", "--xattrs-include=*", "-cf", archive, "-C", v.mountpoint, ".")
-        assert r.returncode == 0, r.stderr
-    out = tmp_path / "new.img"
-    r = restore_image(archive, out, "-q")
-    assert r.returncode == 0, r.stderr
+    archive, out = view_tar_restored(image, tmp_path)
     assert e2fsck(out).returncode == 0
     with harness.mounted(out, tmp_path / "new.mnt") as (_dev, mnt):
         secret = mnt / "secret"
@@ -680,13 +686,7 @@ def test_xattrs_larger_than_a_block_come_back_in_ea_inodes(tmp_path: Path) -> No
             os.sync()
             plain = walk(mnt)
             trees.lock(mnt, keys)
-    archive = tmp_path / "view.tar"
-    with view_mount(image, tmp_path / "view") as v:
-        r = run("tar", "--xattrs", "--xattrs-include=*", "-cf", archive, "-C", v.mountpoint, ".")
-        assert r.returncode == 0, r.stderr
-    out = tmp_path / "new.img"
-    r = restore_image(archive, out, "-q")
-    assert r.returncode == 0, r.stderr
+    archive, out = view_tar_restored(image, tmp_path)
     assert "ea_inode" in harness.dumpe2fs_header(out)["Filesystem features"].split()
     check = e2fsck(out)
     assert check.returncode == 0, check.stdout
