@@ -1,9 +1,4 @@
-"""`ciphertextfs restore-image`: rebuild an ext4 filesystem from a backup, without keys.
-
-Exit status: 0 every entry written, 1 some entries not written (each
-reported on stderr; the filesystem is still consistent), 2 usage or fatal
-error.
-"""
+"""`ciphertextfs restore-image`: rebuild an ext4 filesystem from a backup, without keys."""
 
 from __future__ import annotations
 
@@ -16,7 +11,8 @@ import tempfile
 import time
 from typing import BinaryIO
 
-from ciphertextfs.commands import CommandError
+from ciphertextfs import EXIT_OK, EXIT_PARTIAL, PROG
+from ciphertextfs.commands import CommandError, exit_status_help
 
 DESCRIPTION = """\
 Write a backup of the ciphertext view, still encrypted, into a new ext4
@@ -50,15 +46,19 @@ ends; the copy needs room for the whole archive.
 Every entry that cannot be written is reported on stderr ("not restored:
 PATH: REASON") and left out; the filesystem stays consistent (e2fsck -fn)."""
 
-EPILOG = """\
-exit status:
-  0  every entry written
-  1  some entries not written; each is reported on stderr
-  2  usage error or fatal error (unreadable SOURCE, unusable TARGET)
+EPILOG = (
+    exit_status_help(
+        "every entry written",
+        "some entries not written; each is reported on stderr, and the filesystem is "
+        "still consistent",
+        "a fatal error: unreadable SOURCE, unusable TARGET",
+    )
+    + """
 
 example (the admin, after replacing the disk):
   ciphertextfs restore-image /backup/home.tar /dev/sdb1 --force
   mount /dev/sdb1 /home        # each owner: fscrypt unlock /home/$USER"""
+)
 
 
 def _size(text: str) -> int:
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from ciphertextfs.mkimage.plan import Planner
     from ciphertextfs.mkimage.writer import ImageWriter, MkfsOptions, TargetError, make_filesystem
     from ciphertextfs.restore.backup import BackupError, open_backup
-    from ciphertextfs.restore.report import EXIT_FATAL, EXIT_INCOMPLETE, EXIT_OK, PROG, Report
+    from ciphertextfs.restore.report import Report
 
     report = Report(stream=sys.stderr, quiet=args.quiet, progress=sys.stderr.isatty())
     start = time.monotonic()
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             backup = open_backup(source)
         except BackupError as e:
-            raise CommandError(str(e), EXIT_FATAL) from None
+            raise CommandError(str(e)) from None
         existed = os.path.lexists(args.target)
         with backup:
             plan = Planner(backup, report).run()
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
                 if not existed and os.path.isfile(args.target):
                     os.unlink(args.target)
                 msg = str(e) if isinstance(e, TargetError) else f"{args.target}: {e}"
-                raise CommandError(msg, EXIT_FATAL) from None
+                raise CommandError(msg) from None
     finally:
         if spool is not None:
             spool.close()
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    return EXIT_INCOMPLETE if report.failed or plan.warnings else EXIT_OK
+    return EXIT_PARTIAL if report.failed or plan.warnings else EXIT_OK
 
 
 def _spool_stdin(quiet: bool) -> tuple[BinaryIO | None, str]:
@@ -176,12 +176,10 @@ def _spool_stdin(quiet: bool) -> tuple[BinaryIO | None, str]:
     copy is left behind however restore-image ends; /proc/self/fd reopens it
     from the start for each read.
     """
-    from ciphertextfs.restore.report import EXIT_FATAL, PROG
-
     if stat.S_ISREG(os.fstat(0).st_mode):
         return None, "/proc/self/fd/0"
     if os.isatty(0):
-        raise CommandError("SOURCE is - but standard input is a terminal", EXIT_FATAL)
+        raise CommandError("SOURCE is - but standard input is a terminal")
     where = os.environ.get("TMPDIR") or "/var/tmp"
     if not quiet:
         print(
@@ -200,7 +198,6 @@ def _spool_stdin(quiet: bool) -> tuple[BinaryIO | None, str]:
             spool.close()
         raise CommandError(
             f"cannot copy standard input to {where}: {e.strerror or e}; set TMPDIR to a "
-            "directory with room for the whole archive, or give the archive as a file",
-            EXIT_FATAL,
+            "directory with room for the whole archive, or give the archive as a file"
         ) from None
     return spool, f"/proc/self/fd/{spool.fileno()}"
