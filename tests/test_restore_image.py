@@ -23,6 +23,7 @@ import pytest
 
 from ciphertextfs.fscrypt.errors import FscryptError
 from ciphertextfs.fscrypt.nokey import parse_nokey_name
+from ciphertextfs.fscrypt.policy import build_context
 from ciphertextfs.viewformat import SYMLINK_REF_PREFIX, decode_side_file, decode_symlink_ref
 from tests import harness, trees
 from tests.harness_restore import SIDE, walk
@@ -713,3 +714,24 @@ def test_xattrs_larger_than_a_block_come_back_in_ea_inodes(tmp_path: Path) -> No
             assert (mnt / "enc" / "sub" / "inside").read_bytes() == b"secret\n"
             assert not (mnt / "enc" / "file").exists()
             trees.lock(mnt, keys)
+
+
+def test_what_the_backup_lacks_or_mixes_of_the_directory_hash_is_said(tmp_path: Path) -> None:
+    """An older backup with encrypted entries but no user.fscrypt.dirhash, and a
+    backup whose directories come from two filesystems: each said once, exit 0."""
+    ctx = build_context(2, bytes(16), os.urandom(16)).to_bytes()
+    older = tmp_path / "older"
+    (older / "enc").mkdir(parents=True)
+    os.setxattr(older / "enc", "user.fscrypt.context", ctx)
+    r = restore_image(older, tmp_path / "older.img")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("does not record the directory hash seed") == 1, r.stderr
+    mixed = tmp_path / "mixed"
+    for d, seed in (("a", SEED), ("b", "f" * 32), ("c", "e" * 32)):
+        (mixed / d).mkdir(parents=True)
+        os.setxattr(mixed / d, "user.fscrypt.dirhash", b"half_md4 " + seed.encode())
+    r = restore_image(mixed, tmp_path / "mixed.img")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("another directory hash seed") == 1, r.stderr
+    first = harness.dumpe2fs_header(tmp_path / "mixed.img")["Directory Hash Seed"]
+    assert first.replace("-", "") in (SEED, "f" * 32, "e" * 32)
