@@ -21,6 +21,11 @@ from ciphertextfs.commands import PROG, CommandError, mountlog
 
 log = logging.getLogger("ciphertextfs")
 
+#: Set to 1, the view of a live source does not watch its changes and
+#: forgets everything every second instead (the fallback where fanotify
+#: is not available).
+NO_WATCH_ENV = "CIPHERTEXTFS_NO_WATCH"
+
 #: -o options: name -> help.  ro and default_permissions are always on and
 #: accepted only so that fstab-style option lists work unchanged.
 MOUNT_OPTIONS = {
@@ -302,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
         from ciphertextfs.source import sync_directory
 
         sync = functools.partial(sync_directory, source.directory)
-    view = View(fs, source.root_ino, live=source.live, sync=sync)
+    changes = watch_changes(source.directory) if source.live else None
+    view = View(fs, source.root_ino, live=source.live, sync=sync, watched=changes is not None)
     try:
         root = view.attr(source.root_ino)
     except Exception as e:  # noqa: BLE001 - any failure here is the source's fault
@@ -313,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: warning: {args.source}: {warning}", file=sys.stderr)
     view = with_fscrypt_metadata(view, fs, source.root_ino, args)
 
-    ops = CiphertextOperations(view, fs.sb, statvfs_path=source.directory)
+    ops = CiphertextOperations(view, fs.sb, statvfs_path=source.directory, changes=changes)
     opts = fuse_options(
         os.path.abspath(args.source), allow_other="allow_other" in options, debug=debug
     )
@@ -323,6 +329,25 @@ def run(args: argparse.Namespace) -> int:
     if foreground:
         return serve_foreground(ops, mountpoint, opts)
     return serve_background(ops, mountpoint, opts, args.log)
+
+
+def watch_changes(directory: str | None) -> Any:
+    """A fanotify watcher of the live source's filesystem, or None (logged) for the fallback."""
+    from ciphertextfs.live import ChangeWatcher
+
+    if directory is None:
+        why = "no mount point"
+    elif os.environ.get(NO_WATCH_ENV) == "1":
+        why = f"{NO_WATCH_ENV}=1"
+    else:
+        try:
+            return ChangeWatcher.open(directory)
+        except OSError as e:
+            why = str(e)
+    log.warning(
+        "live source: changes cannot be watched (%s); caches expire every second instead", why
+    )
+    return None
 
 
 def log_summary(ops: Any, mountpoint: str) -> None:

@@ -31,7 +31,7 @@ from ciphertextfs.fscrypt.protector import (
     parse_policy,
     parse_protector,
 )
-from ciphertextfs.view.model import Attr, View, ViewNoAttr, ViewNotFound
+from ciphertextfs.view.model import Attr, Invalidations, View, ViewNoAttr, ViewNotFound
 from ciphertextfs.view.names import Entry
 from ciphertextfs.viewformat import (
     FSCRYPT_DIR_NAME,
@@ -339,6 +339,12 @@ class MetadataView:
         if node is None:
             return self._inner.read(ino, offset, length)
         return node.data[offset : offset + max(length, 0)] if offset >= 0 else b""
+
+    def apply_changes(
+        self, inodes: set[int], names: dict[int, set[bytes]], everything: bool = False
+    ) -> Invalidations:
+        """The metadata entry is built at mount time: only the inner view changes."""
+        return self._inner.apply_changes(inodes, names, everything)
 
     def small_contents(self, ino: int) -> bytes | None:
         node = self._meta(ino)
