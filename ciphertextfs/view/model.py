@@ -299,6 +299,10 @@ class View:
         if is_side_ino(ino):
             return self._side_node(ino)
         inode = self._inode(ino)
+        if self.watched and inode.i_links_count == 0:
+            # Deleted since the kernel looked it up: a name it still holds
+            # must not show the dead inode.
+            raise ViewNotFound(ino)
         on_disk = self.fs.xattrs(inode)
         xattrs = passthrough_xattrs(on_disk, ino)
         context = raw = None

@@ -1,0 +1,204 @@
+"""A watched live source: every change the owner makes shows in the view within a second.
+
+The view of a mounted filesystem caches like a static one and forgets
+exactly what fanotify reports changed (ciphertextfs.live).  Each test first
+walks the view as a backup does, so that the kernel and the view hold every
+entry, attribute and page with their long timeouts; then the owner changes
+the filesystem through the kernel, and the view must show each change within
+a second, in a plain directory and in an encrypted one whose key the owner
+has (the kernel then reports plaintext names, the view shows no-key names).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ciphertextfs.commands.mount import NO_WATCH_ENV
+from tests import harness
+from tests.harness_view import view_mount
+from tests.trees import POLICY, keys_added
+
+#: Within this many seconds of the change, the view must show it.
+WATCHED = 1.0
+
+#: The fallback (caches of the kernel and of the view expire every second).
+FALLBACK = 2.5
+
+NOT_WATCHED = "changes cannot be watched"
+
+
+def within(limit: float, check: Callable[[], bool], what: str) -> None:
+    start = time.monotonic()
+    while True:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        if time.monotonic() - start > limit:
+            pytest.fail(f"{what}: not visible through the view within {limit} s")
+        time.sleep(0.01)
+
+
+def view_names(d: Path) -> dict[int, str]:
+    """inode -> name in the view's directory `d`."""
+    return {os.lstat(d / n).st_ino: n for n in os.listdir(d)}
+
+
+def backup_walk(view: Path) -> None:
+    """What tar --xattrs does to every entry: stat, xattrs, contents."""
+    for top, dirs, files in os.walk(view):
+        for name in dirs + files:
+            p = os.path.join(top, name)
+            os.lstat(p)
+            for x in os.listxattr(p, follow_symlinks=False):
+                os.getxattr(p, x, follow_symlinks=False)
+            if name in files:
+                with open(p, "rb") as f:
+                    f.read()
+
+
+def make_files(d: Path) -> dict[str, int]:
+    for name in "abdefgh":
+        (d / name).write_bytes(name.encode() * 1000)
+    return {name: os.stat(d / name).st_ino for name in "abdefgh"}
+
+
+def exercise(src: Path, view: Path, limit: float) -> None:
+    """Change, create, rename, delete, chmod, xattr, rename over: each seen within `limit`."""
+    inos = {name: os.stat(src / name).st_ino for name in "abdefgh"}
+    backup_walk(view)
+    names = view_names(view)
+    vname = {n: names[i] for n, i in inos.items()}
+    encrypted = vname["a"] != "a"
+
+    def contents(name: str) -> bytes:
+        return (view / vname[name]).read_bytes()
+
+    # Contents, with a new size, then again with the same size.
+    before = contents("a")
+    new = os.urandom(3000)
+    (src / "a").write_bytes(new)
+    if encrypted:
+        within(
+            limit,
+            lambda: (
+                os.getxattr(view / vname["a"], "user.fscrypt.size") == b"3000"
+                and contents("a") != before
+            ),
+            "new contents",
+        )
+    else:
+        within(limit, lambda: contents("a") == new, "new contents")
+    before = contents("a")
+    again = os.urandom(3000)
+    with open(src / "a", "r+b") as f:
+        f.write(again)
+    if encrypted:
+        within(limit, lambda: contents("a") not in (before, b"\0" * len(before)), "rewrite")
+    else:
+        within(limit, lambda: contents("a") == again, "same-size rewrite")
+
+    # Create.
+    (src / "n").write_bytes(b"new file")
+    n_ino = os.stat(src / "n").st_ino
+    within(limit, lambda: n_ino in view_names(view), "created file")
+    if not encrypted:
+        within(limit, lambda: (view / "n").read_bytes() == b"new file", "created contents")
+
+    # Rename: the old name is gone, also for the kernel's cached dentry.
+    os.rename(src / "b", src / "c")
+    within(limit, lambda: not (view / vname["b"]).exists(), "renamed-away name")
+    within(limit, lambda: inos["b"] in view_names(view), "renamed file under its new name")
+    if not encrypted:
+        assert os.stat(view / "c").st_ino == inos["b"]
+
+    # Delete.
+    os.unlink(src / "d")
+    within(
+        limit,
+        lambda: not (view / vname["d"]).exists() and inos["d"] not in view_names(view),
+        "deleted file",
+    )
+
+    # chmod, and a new xattr.
+    os.chmod(src / "e", 0o640)
+    within(limit, lambda: os.stat(view / vname["e"]).st_mode & 0o777 == 0o640, "chmod")
+    os.setxattr(src / "f", "user.backup", b"please")
+    within(limit, lambda: os.getxattr(view / vname["f"], "user.backup") == b"please", "new xattr")
+
+    # An atomic save: g renamed over h.  The name h (the same no-key name
+    # in an encrypted directory) must lead to g's inode.
+    os.rename(src / "g", src / "h")
+    within(limit, lambda: os.stat(view / vname["h"]).st_ino == inos["g"], "rename over")
+
+
+def log_text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.parametrize("where", ["plain", "vault"])
+def test_changes_seen_within_a_second(ext4, tmp_path, where):
+    harness.require_fuse()
+    with ext4(size_mb=32) as (_image, _dev, mnt), keys_added(mnt) as keys:
+        src = mnt / where
+        src.mkdir()
+        if where == "vault":
+            POLICY["v2"].apply(src, keys)
+        make_files(src)
+        log = tmp_path / "view.log"
+        with view_mount(mnt, tmp_path / "view", extra=["--log", log]) as vm:
+            view = vm.mountpoint / where
+            exercise(src, view, WATCHED)
+        assert NOT_WATCHED not in log_text(log)
+
+
+def test_fallback_without_watcher(ext4, tmp_path, monkeypatch):
+    """Where changes cannot be watched, the one-second expiry still shows them."""
+    harness.require_fuse()
+    monkeypatch.setenv(NO_WATCH_ENV, "1")
+    with ext4(size_mb=32) as (_image, _dev, mnt):
+        src = mnt / "plain"
+        src.mkdir()
+        make_files(src)
+        log = tmp_path / "view.log"
+        with view_mount(mnt, tmp_path / "view", extra=["--log", log]) as vm:
+            exercise(src, vm.mountpoint / "plain", FALLBACK)
+        assert NOT_WATCHED in log_text(log)
+
+
+@pytest.mark.parametrize("where", ["plain", "vault"])
+def test_tar_reports_file_changed_while_read(ext4, tmp_path, where):
+    """GNU tar compares the file's ctime and size after reading it with those before."""
+    harness.require_fuse()
+    with ext4(size_mb=96) as (_image, _dev, mnt), keys_added(mnt) as keys:
+        src = mnt / where
+        src.mkdir()
+        if where == "vault":
+            POLICY["v2"].apply(src, keys)
+        (src / "big").write_bytes(os.urandom(48 << 20))
+        os.sync()
+        with view_mount(mnt, tmp_path / "view") as vm:
+            view = vm.mountpoint / where
+            (name,) = os.listdir(view)
+            tar = subprocess.Popen(
+                ["tar", "--xattrs", "-cf", "-", "-C", view, name],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            assert tar.stdout is not None
+            got = tar.stdout.read(1 << 20)  # tar is now blocked inside the file
+            os.utime(src / "big", (1, 1))  # changes ctime, as any write would
+            time.sleep(WATCHED)
+            while chunk := tar.stdout.read(1 << 20):
+                got += chunk
+            err = tar.stderr.read().decode() if tar.stderr else ""
+            assert tar.wait() == 1, err
+            assert "file changed as we read it" in err
+            assert len(got) > 48 << 20
