@@ -456,7 +456,7 @@ class CiphertextOperations(pyfuse3.Operations):
                 log.warning("live source changes: %s; forgetting everything", e)
                 inv = self.view.apply_changes(set(), {}, True)
             if inv.inodes or inv.entries:
-                await trio.to_thread.run_sync(self._invalidate_changed, inv)
+                await trio.to_thread.run_sync(self._invalidate_changed, inv, abandon_on_cancel=True)
 
     def _invalidate_changed(self, inv: Any) -> None:
         """The kernel forgets changed entries, then changed attributes and pages.

@@ -94,10 +94,13 @@ SOURCE is one of:
     directory source rooted at the filesystem's root)
   - a directory inside a mounted ext4 filesystem: the view shows that
     directory's tree, read from the filesystem's block device.  The
-    filesystem is synced (syncfs) first and then at most once a second
-    while the view is used, so changes show within about a second; files
-    changing during the backup may be seen in an intermediate state, so
-    prefer a snapshot for consistency.
+    filesystem is synced (syncfs) first; then its changes are watched
+    (fanotify) and the view forgets exactly what changed, syncing again
+    before it reads a changed file, so changes show within about a
+    second.  Where fanotify is unavailable, the view forgets everything
+    and syncs at most once a second instead.  Files changing during the
+    backup may be seen in an intermediate state, so prefer a snapshot for
+    consistency.
 
 SOURCE is only ever opened read-only.  Reading a block device needs the
 privileges to open it (usually root).  The view enforces the original file

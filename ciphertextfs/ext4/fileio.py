@@ -107,13 +107,8 @@ class FileData:
 
     def forget(self, ino: int) -> list[int]:
         """Drop the cached mappings of inode `ino`; answer the tree blocks they were read from."""
-        blocks: list[int] = []
-        for key in self._maps.keys():
-            if key[0] == ino:
-                cached = self._maps.pop(key)
-                if cached is not None:
-                    blocks.extend(cached[2])
-        return blocks
+        cached = self._maps.pop(ino)
+        return [] if cached is None else cached[1][2]
 
     def is_fast_symlink(self, inode: Inode) -> bool:
         """As the kernel's ext4_inode_is_fast_symlink()."""
@@ -146,10 +141,11 @@ class FileData:
         The tree blocks are kept so that a live source's changed file can
         drop them from the block cache along with its mappings.
         """
-        key = (inode.ino, inode.i_generation, inode.i_flags, inode.i_size, inode.i_block)
-        cached = self._maps.get(key)
-        if cached is not None:
-            return cached
+        # Cached per inode number, valid while what the mappings derive from stays.
+        key = (inode.i_generation, inode.i_flags, inode.i_size, inode.i_block)
+        cached = self._maps.get(inode.ino)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         fs = self.fs
         tree: list[int] = []
 
@@ -185,7 +181,7 @@ class FileData:
                 what=what,
             )
         result = (maps, [m.lblk for m in maps], tree)
-        self._maps.put(key, result)
+        self._maps.put(inode.ino, (key, result))
         return result
 
     def first_block(self, inode: Inode) -> int | None:
