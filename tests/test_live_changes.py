@@ -11,6 +11,8 @@ has (the kernel then reports plaintext names, the view shows no-key names).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import subprocess
 import time
@@ -20,6 +22,10 @@ from pathlib import Path
 import pytest
 
 from ciphertextfs.commands.mount import NO_WATCH_ENV
+from ciphertextfs.ext4.fs import Filesystem
+from ciphertextfs.live import ChangeWatcher
+from ciphertextfs.source import sync_directory
+from ciphertextfs.view.model import View
 from tests import harness
 from tests.harness_view import view_mount
 from tests.trees import POLICY, keys_added
@@ -31,6 +37,18 @@ WATCHED = 1.0
 FALLBACK = 2.5
 
 NOT_WATCHED = "changes cannot be watched"
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode: os.posix_fallocate has none."""
+    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def within(limit: float, check: Callable[[], bool], what: str) -> None:
@@ -202,3 +220,57 @@ def test_tar_reports_file_changed_while_read(ext4, tmp_path, where):
             assert tar.wait() == 1, err
             assert "file changed as we read it" in err
             assert len(got) > 48 << 20
+
+
+def test_punched_extent_tree_is_read_again(ext4):
+    """A change inside an extent tree leaf, with size and i_block unchanged, is seen.
+
+    The file's mappings and the tree blocks they came from must be forgotten
+    along with its inode; nothing else about it that the cache keys on moves.
+    """
+    with ext4(size_mb=32) as (_image, dev, mnt):
+        path = mnt / "fragmented"
+        other = mnt / "filler"
+        block = 4096
+        with open(path, "wb") as f, open(other, "wb") as g:
+            for i in range(64):  # interleaved: every block its own extent
+                f.write(bytes([i + 1]) * block)
+                f.flush()
+                os.fsync(f.fileno())
+                g.write(b"x" * block)
+                g.flush()
+                os.fsync(g.fileno())
+        os.sync()
+        ino = os.stat(path).st_ino
+        watcher = ChangeWatcher.open(os.fspath(mnt))
+        fs = Filesystem.open(dev, replay_journal=False)
+        try:
+            view = View(
+                fs,
+                2,
+                live=True,
+                sync=functools.partial(sync_directory, os.fspath(mnt)),
+                watched=True,
+            )
+            assert view.cache_timeout > 60
+            assert fs.inode(ino).i_block[6:8] != b"\0\0"  # eh_depth > 0: a tree with leaves
+            assert view.read(ino, 10 * block, block) == bytes([11]) * block
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 10 * block, block)
+            finally:
+                os.close(fd)
+            inodes: set[int] = set()
+            deadline = time.monotonic() + 5
+            while ino not in inodes and time.monotonic() < deadline:
+                changes = watcher.read()
+                assert not changes.everything
+                inodes |= changes.inodes
+                time.sleep(0.01)
+            assert ino in inodes
+            view.apply_changes(inodes, {})
+            assert view.read(ino, 10 * block, block) == bytes(block)
+            assert view.read(ino, 11 * block, block) == bytes([12]) * block
+        finally:
+            fs.close()
+            watcher.close()
