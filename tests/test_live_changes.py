@@ -26,7 +26,7 @@ from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.live import ChangeWatcher
 from ciphertextfs.source import sync_directory
 from ciphertextfs.view.model import View
-from tests import harness
+from tests import harness, harness_view
 from tests.harness_view import view_mount
 from tests.trees import POLICY, keys_added
 
@@ -276,3 +276,103 @@ def test_punched_extent_tree_is_read_again(ext4):
         finally:
             fs.close()
             watcher.close()
+
+
+@pytest.mark.parametrize("where", ["plain", "vault"])
+def test_churn_during_backup_then_view_matches(ext4, tmp_path, where):
+    """Files created, rewritten, renamed and deleted while tar reads the view.
+
+    The daemon survives, tar finishes, and a second after the churn stops
+    the view shows exactly the source: names (by inode in the encrypted
+    directory), modes, sizes and, in the plain one, contents.
+    """
+    import random
+    import threading
+
+    harness.require_fuse()
+    with ext4(size_mb=64) as (_image, _dev, mnt), keys_added(mnt) as keys:
+        src = mnt / "churn"
+        src.mkdir()
+        if where == "vault":
+            POLICY["v2"].apply(src, keys)
+        for i in range(300):
+            (src / f"f{i}").write_bytes(os.urandom(random.randint(0, 9000)))
+        with view_mount(mnt, tmp_path / "view") as vm:
+            view = vm.mountpoint / "churn"
+            stop = threading.Event()
+
+            def churn() -> None:
+                rnd = random.Random(5)
+                n = 300
+                while not stop.is_set():
+                    i = rnd.randrange(n + 50)
+                    p = src / f"f{i}"
+                    op = rnd.random()
+                    try:
+                        if op < 0.4:
+                            p.write_bytes(os.urandom(rnd.randint(0, 9000)))
+                        elif op < 0.6:
+                            os.rename(p, src / f"f{rnd.randrange(n + 50)}")
+                        elif op < 0.8:
+                            p.unlink()
+                        else:
+                            os.chmod(p, rnd.choice((0o600, 0o644, 0o640)))
+                    except FileNotFoundError:
+                        pass
+
+            t = threading.Thread(target=churn)
+            t.start()
+            try:
+                for _ in range(3):
+                    subprocess.run(
+                        ["tar", "--xattrs", "-cf", "-", "-C", view, "."],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        timeout=120,
+                        check=False,
+                    )
+            finally:
+                stop.set()
+                t.join()
+
+            diff: list[str] = []
+
+            def same_by_inode() -> bool:
+                diff.clear()
+                want = {}
+                for n in os.listdir(src):
+                    st = os.stat(src / n)
+                    want[st.st_ino] = (st.st_mode, st.st_size)
+                got = {}
+                for n in os.listdir(view):
+                    st = os.stat(view / n)
+                    size = int(os.getxattr(view / n, "user.fscrypt.size"))
+                    got[st.st_ino] = (st.st_mode, size)
+                if got != want:
+                    diff.append(f"{sorted(set(got.items()) ^ set(want.items()))}")
+                return got == want
+
+            def same() -> bool:
+                if where == "vault":
+                    return same_by_inode()
+                diff.clear()
+                want = {n: (src / n).read_bytes() for n in os.listdir(src)}
+                got = sorted(os.listdir(view))
+                if got != sorted(want):
+                    diff.append(f"names: {sorted(set(got) ^ set(want))}")
+                    return False
+                for n in got:
+                    st, vst = os.stat(src / n), os.stat(view / n)
+                    a = (st.st_ino, st.st_mode, st.st_size)
+                    b = (vst.st_ino, vst.st_mode, vst.st_size)
+                    if a != b:
+                        diff.append(f"{n}: {a} in the source, {b} in the view")
+                        return False
+                    if (view / n).read_bytes() != want[n]:
+                        diff.append(f"{n}: contents")
+                        return False
+                return True
+
+            time.sleep(WATCHED)
+            assert same(), f"the view a second after the churn: {diff}"
+            assert harness_view.daemon_pids(vm.mountpoint) == [vm.pid]
