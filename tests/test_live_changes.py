@@ -273,6 +273,15 @@ def test_punched_extent_tree_is_read_again(ext4):
             view.apply_changes(inodes, {})
             assert view.read(ino, 10 * block, block) == bytes(block)
             assert view.read(ino, 11 * block, block) == bytes([12]) * block
+
+            # Unreported changes stay unseen (the cache holds) until events
+            # are lost and everything is forgotten, synced and read again.
+            mode = view.attr(ino).st_mode
+            os.chmod(path, 0o604)
+            assert view.attr(ino).st_mode == mode
+            inv = view.apply_changes(set(), {}, everything=True)
+            assert ino in inv.inodes
+            assert view.attr(ino).st_mode & 0o777 == 0o604
         finally:
             fs.close()
             watcher.close()
