@@ -29,6 +29,16 @@ in the event loop, where they cost less than the hand-off to a thread.
 libfuse's max_read option cannot be used: pyfuse3 has no way to set the
 matching conn->max_read and libfuse then refuses to mount.
 
+A live source watched for changes (`ciphertextfs.live`, given as
+`changes`) is cached like a static one.  Its events are read by a task of
+the trio loop (`watch_changes`, waiting with wait_readable), not by a
+thread: the view's caches are then changed between two requests, never in
+the middle of one that the loop is answering, and no lock is needed around
+the view.  The kernel's invalidations that follow (pyfuse3.invalidate_inode
+and invalidate_entry) run in a worker thread, like the page cache drops:
+they may wait for a page or a directory lock held by a request that only
+this loop can answer.
+
 Small files are read ahead a directory batch at a time by the view
 (`ciphertextfs.view.readahead`), and open() hands their whole contents to
 the page cache with notify_store before it answers, so the reader's read()
@@ -52,6 +62,7 @@ import pyfuse3
 import trio
 
 from ciphertextfs.view.model import ViewNoAttr, ViewNotFound
+from ciphertextfs.view.protocol import ViewProtocol
 
 log = logging.getLogger("ciphertextfs")
 
@@ -76,8 +87,9 @@ SMALL_READ = 128 << 10
 READ_THREADS = 2
 
 
-#: ext4 file names are at most 255 bytes.
-NAME_MAX = 255
+#: Seconds the change watcher waits after the first event of a burst, so
+#: that one pass forgets what the whole burst changed.
+CHANGE_BATCH = 0.01
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -151,20 +163,22 @@ class CiphertextOperations(pyfuse3.Operations):
 
     def __init__(
         self,
-        view: Any,
-        sb: Any,
+        view: ViewProtocol,
         *,
         statvfs_path: str | None = None,
         direct_io: bool = DIRECT_IO,
         read_threads: int = READ_THREADS,
+        changes: Any = None,
     ) -> None:
+        """`changes`: a `ciphertextfs.live.ChangeWatcher` of a live source whose
+        view was made `watched`; None for a static source or the fallback."""
         super().__init__()
         self.view = view
-        self.sb = sb
         self.statvfs_path = statvfs_path
         self.direct_io = direct_io
+        self.changes = changes
         self.timeout = float(view.cache_timeout)
-        self.keep_cache = not getattr(view, "live", False)
+        self.keep_cache = not view.live or view.watched
         self._limiter = trio.CapacityLimiter(read_threads) if read_threads > 0 else None
         self._dir_handles: dict[int, tuple[int, Sequence[Any], bool]] = {}
         self._open_counts: dict[int, int] = {}
@@ -202,15 +216,15 @@ class CiphertextOperations(pyfuse3.Operations):
         e.st_rdev = a.st_rdev
         e.st_size = a.st_size
         e.st_blocks = a.st_blocks
-        e.st_blksize = self.sb_block_size
+        e.st_blksize = self.block_size
         e.st_atime_ns = a.st_atime_ns
         e.st_mtime_ns = a.st_mtime_ns
         e.st_ctime_ns = a.st_ctime_ns
         return e
 
     @functools.cached_property
-    def sb_block_size(self) -> int:
-        return self.sb.block_size
+    def block_size(self) -> int:
+        return self.view.statfs().block_size
 
     # -- lookups and attributes ---------------------------------------------
 
@@ -334,7 +348,8 @@ class CiphertextOperations(pyfuse3.Operations):
         has the file open: a concurrent reader's readahead may hold a page
         locked until this very loop answers it, and notify_store would wait
         for that lock forever.  The cache keeps the pages across the open
-        only with keep_cache, so live sources never take this path.
+        only with keep_cache, so live sources without a change watcher
+        never take this path.
         """
         try:
             data = self.view.small_contents(ino)
@@ -414,6 +429,53 @@ class CiphertextOperations(pyfuse3.Operations):
             except Exception as e:  # noqa: BLE001 - a missed invalidation only costs memory
                 log.debug("cannot drop cached pages of inode %d: %s", ino, e)
 
+    # -- a watched live source ------------------------------------------------
+
+    async def watch_changes(self) -> None:
+        """Forget what each burst of the live source's changes touched, until cancelled."""
+        watcher = self.changes
+        while True:
+            await trio.lowlevel.wait_readable(watcher.fileno())
+            await trio.sleep(CHANGE_BATCH)
+            try:
+                changes = watcher.read()
+            except OSError as e:
+                log.warning("reading the change watcher failed: %s", e)
+                changes = None
+            if changes is not None and not changes:
+                continue
+            try:
+                if changes is None:
+                    raise ValueError("changes lost")
+                inv = self.view.apply_changes(changes.inodes, changes.names, changes.everything)
+            except Exception as e:  # noqa: BLE001 - forgetting everything is always correct
+                log.warning("live source changes: %s; forgetting everything", e)
+                inv = self.view.apply_changes(set(), {}, True)
+            if inv.inodes or inv.entries:
+                await trio.to_thread.run_sync(self._invalidate_changed, inv, abandon_on_cancel=True)
+
+    def _invalidate_changed(self, inv: Any) -> None:
+        """The kernel forgets changed entries, then changed attributes and pages.
+
+        Names the kernel never looked up, and inodes it does not hold,
+        answer ENOENT: nothing to forget.
+        """
+        for parent, name in inv.entries:
+            try:
+                pyfuse3.invalidate_entry(self._notify_node(parent), name)
+            except Exception as e:  # noqa: BLE001 - not cached, or gone meanwhile
+                log.debug("invalidate entry %d/%r: %s", parent, name, e)
+        for ino in inv.inodes:
+            try:
+                pyfuse3.invalidate_inode(self._notify_node(ino), False)
+            except Exception as e:  # noqa: BLE001 - not cached, or gone meanwhile
+                log.debug("invalidate inode %d: %s", ino, e)
+
+    def _notify_node(self, ino: int) -> int:
+        if ino == pyfuse3.ROOT_INODE:
+            raise ValueError("ext4 inode 1 is never in the view")
+        return self._to_node(ino)
+
     @_fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         return self.view.readlink(self._to_view(inode))
@@ -441,20 +503,20 @@ class CiphertextOperations(pyfuse3.Operations):
     @_fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
+        figures = self.view.statfs()
         if self.statvfs_path is not None:
             v = os.statvfs(self.statvfs_path)
             s.f_bsize, s.f_frsize = v.f_bsize, v.f_frsize
             s.f_blocks, s.f_bfree, s.f_bavail = v.f_blocks, v.f_bfree, v.f_bavail
             s.f_files, s.f_ffree, s.f_favail = v.f_files, v.f_ffree, v.f_favail
         else:
-            blocks, free, reserved = self.sb.statfs_counts()
-            s.f_bsize = s.f_frsize = self.sb_block_size
-            s.f_blocks = blocks
-            s.f_bfree = free
-            s.f_bavail = max(0, free - reserved)
-            s.f_files = self.sb.s_inodes_count
-            s.f_ffree = s.f_favail = min(self.sb.s_free_inodes_count, self.sb.s_inodes_count)
-        s.f_namemax = NAME_MAX
+            s.f_bsize = s.f_frsize = figures.block_size
+            s.f_blocks = figures.blocks
+            s.f_bfree = figures.free_blocks
+            s.f_bavail = figures.available_blocks
+            s.f_files = figures.files
+            s.f_ffree = s.f_favail = figures.free_files
+        s.f_namemax = figures.name_max
         return s
 
     # -- everything that would modify: EROFS ---------------------------------
@@ -512,7 +574,11 @@ def _set_read_ahead(mountpoint: str) -> None:
         log.debug("cannot raise readahead of %s: %s", mountpoint, e)
 
 
-async def _serve(mountpoint: str, on_ready: Callable[[], None] | None) -> None:
+async def _serve(
+    mountpoint: str,
+    on_ready: Callable[[], None] | None,
+    watch: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signal() -> None:
@@ -530,6 +596,8 @@ async def _serve(mountpoint: str, on_ready: Callable[[], None] | None) -> None:
 
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(announce)
+        if watch is not None:
+            nursery.start_soon(watch)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -547,6 +615,9 @@ def serve(
     """
     pyfuse3.init(ops, mountpoint, options)
     try:
-        trio.run(_serve, mountpoint, on_ready)
+        watch = ops.watch_changes if ops.changes is not None else None
+        trio.run(_serve, mountpoint, on_ready, watch)
     finally:
         pyfuse3.close(unmount=True)
+        if ops.changes is not None:
+            ops.changes.close()

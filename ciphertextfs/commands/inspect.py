@@ -1,9 +1,10 @@
 """`ciphertextfs inspect`: decode the fscrypt metadata of entries of the view or a backup.
 
 Reads only what a backup keeps: the user.fscrypt.* attributes of files and
-directories (and the block size of their directory), the target of encrypted
-symlinks, and the no-key name of an entry of an encrypted directory (with its
-side file for long names and long symlink targets).  No key is needed.  An
+directories (and the block size of their directory; a directory's hash
+algorithm and seed), the target of encrypted symlinks, and the no-key name of
+an entry of an encrypted directory (with its side file for long names and
+long symlink targets).  No key is needed.  An
 entry of an encrypted directory that has no context of its own is reported
 as "context missing": its xattrs were lost on the way into the backup.
 """
@@ -16,17 +17,19 @@ import json
 import os
 import stat
 import sys
+import uuid
 from typing import Any
 
 import xattr
 
-from ciphertextfs.commands import PROG
+from ciphertextfs import EXIT_OK, EXIT_PARTIAL, PROG
+from ciphertextfs.commands import exit_status_help
 
-EPILOG = """\
-exit status:
-  0  every PATH inspected
-  1  some PATH could not be read or decoded (reported on stderr)
-  2  usage error"""
+EPILOG = exit_status_help(
+    "every PATH inspected",
+    "some PATH could not be read or decoded (each reported on stderr)",
+    None,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -88,10 +91,13 @@ def inspect_path(path: str) -> dict[str, Any]:
     from ciphertextfs.fscrypt.errors import FscryptError
     from ciphertextfs.fscrypt.nokey import base64url_encode, parse_nokey_name
     from ciphertextfs.viewformat import (
+        DIRHASH_ALGORITHMS,
         SIDE_FILE_NAME,
         SYMLINK_REF_PREFIX,
         XATTR_FSCRYPT_CONTEXT,
+        XATTR_FSCRYPT_DIRHASH,
         FormatError,
+        decode_dirhash,
         decode_symlink,
         decode_xattrs,
         is_encrypted_symlink_target,
@@ -145,7 +151,17 @@ def inspect_path(path: str) -> dict[str, Any]:
             else:
                 info["symlink"] = {"target": os.fsdecode(target)}
         else:
-            attrs = decode_xattrs(_xattrs(path), regular=stat.S_ISREG(st.st_mode))
+            own = _xattrs(path)
+            if XATTR_FSCRYPT_DIRHASH in own:
+                try:
+                    version, seed = decode_dirhash(own[XATTR_FSCRYPT_DIRHASH])
+                    info["dirhash"] = {
+                        "algorithm": DIRHASH_ALGORITHMS[version],
+                        "seed": str(uuid.UUID(bytes=seed)),
+                    }
+                except FormatError as e:
+                    problems.append(str(e))
+            attrs = decode_xattrs(own, regular=stat.S_ISREG(st.st_mode))
             if attrs.block_size is None and stat.S_ISREG(st.st_mode):
                 # Format 2 gives the block size to the directory, not the file.
                 attrs = dataclasses.replace(
@@ -200,6 +216,9 @@ def _text(info: dict[str, Any]) -> str:
         else:
             text = "long, NOT in the directory's side file"
         lines.append(f"  name: no-key, dirhash {n['dirhash']}/{n['minor_hash']}, {text}")
+    if "dirhash" in info:
+        d = info["dirhash"]
+        lines.append(f"  directory hash: {d['algorithm']}, seed {d['seed']}")
     s = info.get("symlink")
     if s:
         if "target" in s:
@@ -216,16 +235,16 @@ def _text(info: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     results = []
-    status = 0
+    status = EXIT_OK
     for path in args.paths:
         try:
             info = inspect_path(path)
         except OSError as e:
             print(f"{PROG}: {path}: {e.strerror}", file=sys.stderr)
-            status = 1
+            status = EXIT_PARTIAL
             continue
         if "problems" in info:
-            status = 1
+            status = EXIT_PARTIAL
         results.append(info)
         if not args.json:
             print(_text(info))

@@ -15,11 +15,20 @@ import stat
 import sys
 import textwrap
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ciphertextfs.commands import PROG, CommandError, mountlog
+from ciphertextfs import EXIT_FATAL, EXIT_OK, PROG
+from ciphertextfs.commands import CommandError, exit_status_help, mountlog
+
+if TYPE_CHECKING:
+    from ciphertextfs.view.protocol import ViewProtocol
 
 log = logging.getLogger("ciphertextfs")
+
+#: Set to 1, the view of a live source does not watch its changes and
+#: forgets everything every second instead (the fallback where fanotify
+#: is not available).
+NO_WATCH_ENV = "CIPHERTEXTFS_NO_WATCH"
 
 #: -o options: name -> help.  ro and default_permissions are always on and
 #: accepted only so that fstab-style option lists work unchanged.
@@ -89,10 +98,13 @@ SOURCE is one of:
     directory source rooted at the filesystem's root)
   - a directory inside a mounted ext4 filesystem: the view shows that
     directory's tree, read from the filesystem's block device.  The
-    filesystem is synced (syncfs) first and then at most once a second
-    while the view is used, so changes show within about a second; files
-    changing during the backup may be seen in an intermediate state, so
-    prefer a snapshot for consistency.
+    filesystem is synced (syncfs) first; then its changes are watched
+    (fanotify) and the view forgets exactly what changed, syncing again
+    before it reads a changed file, so changes show within about a
+    second.  Where fanotify is unavailable, the view forgets everything
+    and syncs at most once a second instead.  Files changing during the
+    backup may be seen in an intermediate state, so prefer a snapshot for
+    consistency.
 
 SOURCE is only ever opened read-only.  Reading a block device needs the
 privileges to open it (usually root).  The view enforces the original file
@@ -111,6 +123,13 @@ unmount a summary (entries listed, lookups, bytes read, errors) at info
 level.  Without a syslog daemon (/dev/log) warnings and errors go to the
 kernel log (dmesg).  With -f everything goes to stderr."""
 
+EXIT_STATUS = exit_status_help(
+    "mounted, and answering (with -f: served, then unmounted cleanly)",
+    None,
+    "SOURCE, MOUNTPOINT or FUSE unusable: nothing is mounted (mount -t and fstab "
+    "mounts, through mount.fuse3, exit with the same status)",
+)
+
 EPILOG = """\
 mount options (-o, comma-separated):
 {options}
@@ -123,10 +142,7 @@ fstab and mount -t:
     # /etc/fstab:
     /dev/vg/home-snap  /mnt/view  fuse.ciphertextfs  ro,allow_other,noauto,nofail  0 0
 
-exit status:
-  0  mounted (with -f: served, then unmounted cleanly)
-  1  SOURCE, MOUNTPOINT or FUSE unusable; nothing is mounted
-  2  usage error
+{exit_status}
 
 examples:
   Back up an LVM snapshot of /home:
@@ -157,7 +173,12 @@ def register(subparsers: Any) -> None:
         "mount",
         help="mount the ciphertext view of an ext4 filesystem",
         description=DESCRIPTION.format(burst=mountlog.BURST, interval=mountlog.INTERVAL),
-        epilog=EPILOG.format(options=options, ignored=ignored_options_text(), prog=PROG),
+        epilog=EPILOG.format(
+            options=options,
+            ignored=ignored_options_text(),
+            prog=PROG,
+            exit_status=EXIT_STATUS,
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -200,7 +221,7 @@ def register(subparsers: Any) -> None:
 
 
 def parse_options(values: list[str]) -> set[str]:
-    """The view's own options named in `values`; CommandError (exit 2) for a wrong one."""
+    """The view's own options named in `values`; CommandError (a usage error) for a wrong one."""
     chosen = set()
     for value in values:
         for name in value.split(","):
@@ -208,12 +229,10 @@ def parse_options(values: list[str]) -> set[str]:
             if not name or name in IGNORED_OPTIONS or name.startswith(IGNORED_PREFIXES):
                 continue
             if name == "rw":
-                raise CommandError(
-                    "option 'rw': the view is always read-only (give 'ro')", exit_code=2
-                )
+                raise CommandError("option 'rw': the view is always read-only (give 'ro')")
             if name not in MOUNT_OPTIONS:
                 known = ", ".join(MOUNT_OPTIONS)
-                raise CommandError(f"unknown mount option '{name}' (known: {known})", 2)
+                raise CommandError(f"unknown mount option '{name}' (known: {known})")
             chosen.add(name)
     return chosen
 
@@ -232,7 +251,7 @@ def helper_argv(argv: Sequence[str], commands: Sequence[str]) -> list[str]:
 
 
 def check_mountpoint(path: str) -> None:
-    from ciphertextfs.source import is_mount_point
+    from ciphertextfs.mounts import is_mount_point
 
     try:
         st = os.stat(path)
@@ -302,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
         from ciphertextfs.source import sync_directory
 
         sync = functools.partial(sync_directory, source.directory)
-    view = View(fs, source.root_ino, live=source.live, sync=sync)
+    changes = watch_changes(source.directory) if source.live else None
+    view = View(fs, source.root_ino, live=source.live, sync=sync, watched=changes is not None)
     try:
         root = view.attr(source.root_ino)
     except Exception as e:  # noqa: BLE001 - any failure here is the source's fault
@@ -313,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: warning: {args.source}: {warning}", file=sys.stderr)
     view = with_fscrypt_metadata(view, fs, source.root_ino, args)
 
-    ops = CiphertextOperations(view, fs.sb, statvfs_path=source.directory)
+    ops = CiphertextOperations(view, statvfs_path=source.directory, changes=changes)
     opts = fuse_options(
         os.path.abspath(args.source), allow_other="allow_other" in options, debug=debug
     )
@@ -323,6 +343,25 @@ def run(args: argparse.Namespace) -> int:
     if foreground:
         return serve_foreground(ops, mountpoint, opts)
     return serve_background(ops, mountpoint, opts, args.log)
+
+
+def watch_changes(directory: str | None) -> Any:
+    """A fanotify watcher of the live source's filesystem, or None (logged) for the fallback."""
+    from ciphertextfs.live import ChangeWatcher
+
+    if directory is None:
+        why = "no mount point"
+    elif os.environ.get(NO_WATCH_ENV) == "1":
+        why = f"{NO_WATCH_ENV}=1"
+    else:
+        try:
+            return ChangeWatcher.open(directory)
+        except OSError as e:
+            why = str(e)
+    log.warning(
+        "live source: changes cannot be watched (%s); caches expire every second instead", why
+    )
+    return None
 
 
 def log_summary(ops: Any, mountpoint: str) -> None:
@@ -338,13 +377,15 @@ def log_summary(ops: Any, mountpoint: str) -> None:
     mountlog.finish(log)
 
 
-def with_fscrypt_metadata(view: Any, fs: Any, root_ino: int, args: argparse.Namespace) -> Any:
+def with_fscrypt_metadata(
+    view: ViewProtocol, fs: Any, root_ino: int, args: argparse.Namespace
+) -> ViewProtocol:
     """The view with its fscrypt metadata entry (docs/FORMAT.md), and what backups would lack."""
     from ciphertextfs.view.metadata_view import MetadataCollision, MetadataView, collect
 
     for path in args.fscrypt_linked:
         if not os.path.isdir(path):
-            raise CommandError(f"--fscrypt-linked {path}: not a directory", 2)
+            raise CommandError(f"--fscrypt-linked {path}: not a directory")
     got = collect(fs, root_ino, args.fscrypt_linked, disabled=args.no_fscrypt_metadata)
     for warning in got.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
@@ -364,7 +405,7 @@ def serve_foreground(ops: Any, mountpoint: str, opts: set[str]) -> int:
     except RuntimeError as e:
         raise CommandError(f"{mountpoint}: cannot mount: {e}") from None
     log_summary(ops, mountpoint)
-    return 0
+    return EXIT_OK
 
 
 def _redirect_stdio(log_file: str | None) -> None:
@@ -403,12 +444,12 @@ def serve_background(ops: Any, mountpoint: str, opts: set[str], log_file: str | 
             ready = True
             _redirect_stdio(log_file)
 
-        code = 0
+        code = EXIT_OK
         try:
             serve(ops, mountpoint, opts, on_ready)
             log_summary(ops, mountpoint)
         except BaseException as e:  # noqa: BLE001 - report whatever ends the child
-            code = 1
+            code = EXIT_FATAL
             if ready:
                 log.error("serving %s failed: %s", mountpoint, e)
             else:
@@ -425,6 +466,6 @@ def serve_background(ops: Any, mountpoint: str, opts: set[str], log_file: str | 
     os.close(rfd)
     reply = b"".join(chunks).decode("utf-8", "replace").strip()
     if reply == "ok":
-        return 0
+        return EXIT_OK
     os.waitpid(pid, 0)
     raise CommandError(reply or f"{mountpoint}: the serving process died before mounting")

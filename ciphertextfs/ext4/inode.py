@@ -48,6 +48,7 @@ EXT4_NSEC_SHIFT = 2
 
 # Reserved inode numbers.
 EXT4_ROOT_INO = 2
+EXT4_GOOD_OLD_FIRST_INO = 11  # the first unreserved inode: lost+found, as mke2fs makes it
 
 # Offsets of the fields after the 128-byte base inode.
 _OFF_EXTRA_ISIZE = 0x80
@@ -62,6 +63,7 @@ _OFF_CHECKSUM_LO = 0x7C
 
 _BASE = struct.Struct("<HHIIIIIHHII4x60sIIII")
 _OSD2 = struct.Struct("<HHHHHH")
+_OFF_OSD1 = 0x24  # l_i_version
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,12 +300,14 @@ def encode_inode(
     file_acl: int = 0,
     generation: int = 0,
     ibody_xattrs: bytes = b"",
+    version: int = 0,
 ) -> bytes:
     """An inode of `inode_size` bytes, checksum fields zero (the caller sets them).
 
     `i_blocks` is in 512-byte units (no huge_file scaling: the caller keeps
     it below 2**48); `ibody_xattrs` is the in-inode xattr area after
-    i_extra_isize (see xattr.encode_ibody).
+    i_extra_isize (see xattr.encode_ibody); `version` the low 32 bits of
+    i_version (l_i_version), which an EA inode uses for its reference count.
     """
     if len(i_block) != I_BLOCK_SIZE:
         raise ValueError("i_block is 60 bytes")
@@ -332,6 +336,7 @@ def encode_inode(
         size >> 32,
         0,
     )
+    struct.pack_into("<I", buf, _OFF_OSD1, version & 0xFFFFFFFF)
     _OSD2.pack_into(
         buf, 0x74, (i_blocks >> 32) & 0xFFFF, file_acl >> 32, uid >> 16, gid >> 16, 0, 0
     )

@@ -13,28 +13,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from ciphertextfs.ext4.acl import posix_acl_to_ext4
 from ciphertextfs.ext4.dirent import EXT4_NAME_LEN
 from ciphertextfs.ext4.errors import CorruptError
+from ciphertextfs.ext4.inode import EXT4_GOOD_OLD_FIRST_INO, EXT4_ROOT_INO
 from ciphertextfs.ext4.xattr import (
-    EXT4_XATTR_INDEX_ENCRYPTION,
-    EXT4_XATTR_INDEX_POSIX_ACL_ACCESS,
-    EXT4_XATTR_INDEX_POSIX_ACL_DEFAULT,
-    EXT4_XATTR_INDEX_SECURITY,
-    EXT4_XATTR_INDEX_TRUSTED,
-    EXT4_XATTR_INDEX_USER,
+    EXT4_XATTR_ACL_NAMES,
+    EXT4_XATTR_NAME_MAX,
+    EXT4_XATTR_PREFIXES,
     Xattr,
+    encryption_context_xattr,
 )
 from ciphertextfs.fscrypt.errors import FscryptError
 from ciphertextfs.fscrypt.policy import FscryptContext
-from ciphertextfs.restore.backup import Backup, Entry, Kind, Path_, TreeProblem
+from ciphertextfs.restore.backup import Backup, Entry, Kind, Path_, TreeProblem, show_path
 from ciphertextfs.restore.plan import RestoreProblem, ciphertext_name
 from ciphertextfs.restore.report import Report
-from ciphertextfs.view.xattrs import posix_acl_to_ext4
 from ciphertextfs.viewformat import (
     SIDE_FILE_HEADER,
     SIDE_FILE_NAME,
+    XATTR_FSCRYPT_CONTEXT,
+    XATTR_FSCRYPT_DIRHASH,
     FormatError,
     SideFile,
+    decode_dirhash,
     decode_side_file,
     decode_symlink,
     decode_xattrs,
@@ -42,9 +44,8 @@ from ciphertextfs.viewformat import (
     original_xattrs,
 )
 
-EXT4_ROOT_INO = 2
-LOST_AND_FOUND_INO = 11
-FIRST_INO = 12
+LOST_AND_FOUND_INO = EXT4_GOOD_OLD_FIRST_INO
+FIRST_INO = LOST_AND_FOUND_INO + 1
 LOST_AND_FOUND = b"lost+found"
 
 MAX_FILE_SIZE = 1 << 44
@@ -53,15 +54,7 @@ MAX_FILE_SIZE = 1 << 44
 MAX_CIPHERTEXT_SLACK = 65536
 """A view file is the real size rounded up to at most one data unit."""
 
-_XATTR_PREFIXES = (
-    (b"user.", EXT4_XATTR_INDEX_USER),
-    (b"trusted.", EXT4_XATTR_INDEX_TRUSTED),
-    (b"security.", EXT4_XATTR_INDEX_SECURITY),
-)
-_ACL_INDEX = {
-    b"system.posix_acl_access": EXT4_XATTR_INDEX_POSIX_ACL_ACCESS,
-    b"system.posix_acl_default": EXT4_XATTR_INDEX_POSIX_ACL_DEFAULT,
-}
+_ACL_INDEX = {name: index for index, name in EXT4_XATTR_ACL_NAMES.items()}
 
 
 @dataclass(eq=False)
@@ -107,6 +100,19 @@ class Plan:
     fs_uuid: bytes | None
     data_bytes: int = 0
     name_bytes: int = 0
+    dirhash: tuple[int, bytes] | None = None
+    """(hash version, s_hash_seed) of the original filesystem, from its directories."""
+    warnings: int = 0
+    """Entries written, but with something of the backup reported and ignored."""
+
+
+def backup_name(x: Xattr) -> str:
+    """The name an on-disk xattr had in the backup, for messages."""
+    if x.name_index in EXT4_XATTR_ACL_NAMES:
+        return EXT4_XATTR_ACL_NAMES[x.name_index].decode()
+    if x.name_index in EXT4_XATTR_PREFIXES:
+        return (EXT4_XATTR_PREFIXES[x.name_index] + x.name).decode(errors="replace")
+    return f"(index {x.name_index}) {x.name.decode(errors='replace')}"
 
 
 def disk_xattrs(xattrs: dict[bytes, bytes]) -> list[Xattr]:
@@ -119,11 +125,11 @@ def disk_xattrs(xattrs: dict[bytes, bytes]) -> list[Xattr]:
             except CorruptError as e:
                 raise RestoreProblem(f"xattr {name.decode(errors='replace')}: {e}") from None
             continue
-        for prefix, index in _XATTR_PREFIXES:
+        for index, prefix in EXT4_XATTR_PREFIXES.items():
             if name.startswith(prefix) and len(name) > len(prefix):
                 suffix = name[len(prefix) :]
-                if len(suffix) > 255:
-                    raise RestoreProblem("xattr name longer than 255 bytes")
+                if len(suffix) > EXT4_XATTR_NAME_MAX:
+                    raise RestoreProblem(f"xattr name longer than {EXT4_XATTR_NAME_MAX} bytes")
                 out.append(Xattr(index, suffix, value))
                 break
         else:
@@ -147,6 +153,11 @@ class Planner:
         self.name_bytes = 0
         self.failed_dirs: dict[Path_, int] = {}
         self.dir_problems: list[list] = []
+        self.dirhash: tuple[int, bytes] | None = None
+        self.dirhash_from: Path_ = ()
+        self.dirhash_conflict = False
+        self.encrypted = False
+        self.warnings = 0
 
     def run(self) -> Plan:
         root: Node | None = None
@@ -193,8 +204,22 @@ class Planner:
             root.children.append((LOST_AND_FOUND, lf))
             self.nodes.append(lf)
         lf.ino = LOST_AND_FOUND_INO
+        if self.encrypted and self.dirhash is None:
+            self.report.note(
+                "the backup does not record the directory hash seed (it predates "
+                "user.fscrypt.dirhash): locked directories will list other no-key names "
+                "than the old disk, unless -E hash_seed=UUID (dumpe2fs -h of the old disk) "
+                "is given"
+            )
         return Plan(
-            root, self.nodes, self.block_size, self.fs_uuid, self.data_bytes, self.name_bytes
+            root,
+            self.nodes,
+            self.block_size,
+            self.fs_uuid,
+            self.data_bytes,
+            self.name_bytes,
+            self.dirhash,
+            self.warnings,
         )
 
     def _below_failed(self, item: Entry | TreeProblem) -> None:
@@ -210,6 +235,31 @@ class Planner:
             data = self.backup.side_file(d.path)
             d.side = decode_side_file(data) if data is not None else None
         return d.side
+
+    def _note_dirhash(self, e: Entry) -> None:
+        """The first directory's hash seed and version make the filesystem's.
+
+        A bad value is reported with its directory, which is still written:
+        it only costs the hashes inside that directory's no-key names.
+        """
+        value = e.xattrs.get(XATTR_FSCRYPT_DIRHASH)
+        if value is None:
+            return
+        try:
+            dirhash = decode_dirhash(value)
+        except FormatError as err:
+            self.warnings += 1
+            self.report.note(f"{show_path(e.path)}: {err}: ignored")
+            return
+        if self.dirhash is None:
+            self.dirhash, self.dirhash_from = dirhash, e.path
+        elif dirhash != self.dirhash and not self.dirhash_conflict:
+            self.dirhash_conflict = True
+            self.report.note(
+                f"{show_path(e.path)}: another directory hash seed than "
+                f"{show_path(self.dirhash_from)} (a backup of two filesystems?): the "
+                "first is used, and locked names below this one will differ"
+            )
 
     def _note_block_size(self, attrs_bs: int | None) -> None:
         if attrs_bs is not None and self.block_size is None:
@@ -235,6 +285,8 @@ class Planner:
                 return node
         attrs = decode_xattrs(e.xattrs, regular=e.kind is Kind.REG)
         self._note_block_size(attrs.block_size)
+        if e.kind is Kind.DIR:
+            self._note_dirhash(e)
         node = Node(
             e.path,
             e.kind,
@@ -256,7 +308,7 @@ class Planner:
                 assert parent is not None
                 link = decode_symlink(target, self._side(parent))
                 node.context = link.context
-                node.xattrs.append(Xattr(EXT4_XATTR_INDEX_ENCRYPTION, b"c", link.context_raw))
+                node.xattrs.append(encryption_context_xattr(link.context_raw))
                 node.body = struct.pack("<H", len(link.ciphertext)) + link.ciphertext
                 ino, uuid = link.ino, link.fs_uuid
             else:
@@ -270,13 +322,15 @@ class Planner:
                 if e.kind not in (Kind.REG, Kind.DIR):
                     raise RestoreProblem(f"a {e.kind.value} cannot be encrypted")
                 node.context = attrs.context
-                raw = e.xattrs[b"user.fscrypt.context"]
-                node.xattrs.insert(0, Xattr(EXT4_XATTR_INDEX_ENCRYPTION, b"c", raw))
+                raw = e.xattrs[XATTR_FSCRYPT_CONTEXT]
+                node.xattrs.insert(0, encryption_context_xattr(raw))
             elif in_encrypted and e.kind in (Kind.REG, Kind.DIR):
                 raise RestoreProblem(
                     "no user.fscrypt.context inside an encrypted directory: its xattrs "
                     "were lost (copied without rsync -X or tar --xattrs?)"
                 )
+        if node.context is not None:
+            self.encrypted = True
         if node.context is not None and node.context.needs_inode_number:
             self._want(node, ino, uuid)
         if e.kind is Kind.REG:

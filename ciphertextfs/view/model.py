@@ -18,11 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ciphertextfs.ext4.directory import IndexInconclusive
+from ciphertextfs.ext4.dirent import EXT4_NAME_LEN
 from ciphertextfs.ext4.fs import Filesystem
-from ciphertextfs.ext4.inode import Inode
+from ciphertextfs.ext4.inode import EXT4_ROOT_INO, Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
 from ciphertextfs.fscrypt.policy import FscryptContext, FscryptError, parse_context
 from ciphertextfs.lru import LRU
+from ciphertextfs.posix_acl import XATTR_NAME_POSIX_ACL_ACCESS as ACL_ACCESS
 from ciphertextfs.view.names import (
     Entry,
     Listing,
@@ -32,12 +34,11 @@ from ciphertextfs.view.names import (
     lookup_in_index,
     side_file_ino,
 )
+from ciphertextfs.view.protocol import StatfsFigures
 from ciphertextfs.view.readahead import ReadAhead, is_small
 from ciphertextfs.view.symlinks import view_target
 from ciphertextfs.view.xattrs import acl_read_only, fscrypt_context_raw, passthrough_xattrs
 from ciphertextfs.viewformat import SIDE_FILE_NAME, encode_dir_xattrs, encode_inode_xattrs
-
-ACL_ACCESS = b"system.posix_acl_access"
 
 __all__ = [
     "Attr",
@@ -55,7 +56,14 @@ STATIC_CACHE_TIMEOUT = 3600.0
 """An image or snapshot never changes under the view: let the kernel cache."""
 
 LIVE_CACHE_TIMEOUT = 1.0
-"""A mounted filesystem does: keep what the kernel and the view cache short."""
+"""A mounted filesystem does: without a change watcher, keep what the kernel
+and the view cache short."""
+
+SYNC_INTERVAL = 0.05
+"""Seconds between two syncfs of a watched live source, at least."""
+
+UNSYNCED_MAX = 1 << 16
+"""Changed inodes remembered until the next syncfs; past that, any read syncs."""
 
 LISTING_CACHE_BYTES = 128 << 20
 """Listings in memory at once: a few directories of a few 100,000 entries, within
@@ -103,6 +111,15 @@ class Attr:
 
 
 @dataclass(frozen=True, slots=True)
+class Invalidations:
+    """What the kernel must forget after a change: inodes (attributes and
+    pages) and directory entries (parent, name), in view inode numbers."""
+
+    inodes: tuple[int, ...]
+    entries: tuple[tuple[int, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Node:
     """Everything the view derives from one inode, computed once."""
 
@@ -124,19 +141,33 @@ class View:
     def __init__(
         self,
         fs: Filesystem,
-        root_ino: int = 2,
+        root_ino: int = EXT4_ROOT_INO,
         *,
         live: bool = False,
         sync: Callable[[], None] | None = None,
+        watched: bool = False,
     ):
         """`live`: the source is a mounted filesystem.  `sync` then writes it
         back (syncfs) each time the caches expire, so that file contents,
-        read with O_DIRECT from the device, are at most that old."""
+        read with O_DIRECT from the device, are at most that old.
+
+        `watched`: every change of the live source is reported through
+        `apply_changes` (ciphertextfs.live); the caches then last as for a
+        static source, changed objects are forgotten one by one, and the
+        source is synced only before a changed object is read again."""
         self.fs = fs
         self._sync = sync
         self.root_ino = root_ino
         self.live = live
-        self.cache_timeout = LIVE_CACHE_TIMEOUT if live else STATIC_CACHE_TIMEOUT
+        self.watched = live and watched
+        self.cache_timeout = (
+            LIVE_CACHE_TIMEOUT if live and not self.watched else STATIC_CACHE_TIMEOUT
+        )
+        self._epoch = 0
+        self._unsynced: set[int] = set()
+        self._unsynced_all = False
+        self._sync_lock = threading.Lock()
+        self._last_sync = 0.0
         self._nodes = LRU(65536, NODE_CACHE_BYTES)
         self._listings = LRU(4096, LISTING_CACHE_BYTES)
         self._ahead = ReadAhead(fs, self.attr, self._inode, self._listings.get)
@@ -149,7 +180,7 @@ class View:
 
     def _fresh(self) -> None:
         """On a live filesystem, forget whatever is older than the timeout."""
-        if not self.live:
+        if not self.live or self.watched:
             return
         now = time.monotonic()
         if now - self._stamp > self.cache_timeout:
@@ -172,23 +203,118 @@ class View:
         self._fresh()
         node = self._nodes.get(ino)
         if node is None:
+            epoch = self._before_reading(ino)
             node = self._build_node(ino)
             with self._lock:
-                self._nodes.put(ino, node, node_bytes(node))
+                if epoch == self._epoch:
+                    self._nodes.put(ino, node, node_bytes(node))
         return node
 
     def listing(self, dir_ino: int) -> Listing:
         self._fresh()
         listing = self._listings.get(dir_ino)
         if listing is None:
+            epoch = self._before_reading(dir_ino)
             inode = self._inode(dir_ino)
             if not inode.is_dir:
                 raise NotADirectoryError(dir_ino)
             listing = list_directory(self.fs, inode, dir_ino)
             with self._lock:
-                self._listings.put(dir_ino, listing, listing_bytes(listing))
+                if epoch == self._epoch:
+                    self._listings.put(dir_ino, listing, listing_bytes(listing))
             self._ahead.note_listing(dir_ino, listing)
         return listing
+
+    # -- a watched live source ------------------------------------------------
+
+    def _before_reading(self, ino: int) -> int:
+        """Sync the source if `ino` changed since the last sync; answer the cache epoch.
+
+        ext4 writes inodes and directory blocks into the device's page cache
+        as the change happens, but sizes and extents of delayed allocations
+        and file contents only at writeback: a changed object is read again
+        only after a syncfs that started after its change was reported.  What
+        is read while another change is being reported is not cached (the
+        epoch moved on).
+        """
+        epoch = self._epoch
+        if not self.watched or not (self._unsynced_all or ino in self._unsynced):
+            return epoch
+        with self._sync_lock:
+            if not (self._unsynced_all or ino in self._unsynced):
+                return epoch  # synced meanwhile by another reader
+            wait = self._last_sync + SYNC_INTERVAL - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            with self._lock:
+                self._unsynced = set()
+                self._unsynced_all = False
+                epoch = self._epoch
+            if self._sync is not None:
+                try:
+                    self._sync()
+                except OSError as e:
+                    log.warning("syncfs of the live source failed: %s", e)
+            self._last_sync = time.monotonic()
+        return epoch
+
+    def apply_changes(
+        self, inodes: set[int], names: dict[int, set[bytes]], everything: bool = False
+    ) -> Invalidations:
+        """Forget what a batch of changes of the live source touched.
+
+        `inodes`: ext4 inodes that changed; `names`: directory -> names added,
+        removed or replaced there, as the kernel named them (plaintext in an
+        unlocked encrypted directory, where the view's names differ, so the
+        cached listing is searched for the changed inodes too); `everything`:
+        changes were lost, forget it all.  Answers what the kernel must
+        forget in turn.
+        """
+        with self._lock:
+            self._epoch += 1
+            if everything:
+                old_nodes = self._nodes.keys()
+                old_listings = [(d, self._listings.get(d)) for d in self._listings.keys()]
+                self._nodes.clear()
+                self._listings.clear()
+                self.fs.drop_caches()
+                self._unsynced = set()
+                self._unsynced_all = True
+            else:
+                old_nodes = []
+                old_listings = [(d, self._listings.pop(d)) for d in names]
+                changed = set(inodes) | set(names)
+                for ino in changed:
+                    node = self._nodes.pop(ino)
+                    if node is not None:
+                        old_nodes.append(ino)
+                        self._ahead.forget(ino, node.attr)
+                    if self._nodes.pop(side_file_ino(ino)) is not None:
+                        old_nodes.append(side_file_ino(ino))
+                    self.fs.forget_inode(ino)
+                if len(self._unsynced) + len(changed) > UNSYNCED_MAX:
+                    self._unsynced_all = True
+                    self._unsynced = set()
+                elif not self._unsynced_all:
+                    self._unsynced |= changed
+        if everything:
+            self._ahead.clear()
+            kernel_inodes = set(old_nodes)
+        else:
+            kernel_inodes = set(inodes) | set(names) | set(old_nodes)
+        entries: set[tuple[int, bytes]] = set()
+        for d, listing in old_listings:
+            if listing is None:
+                continue
+            kernel_inodes.add(d)
+            if listing.side_file is not None:
+                kernel_inodes.add(side_file_ino(d))
+            for e in listing.entries:
+                if everything or e.ino in inodes:
+                    entries.add((d, e.name))
+        for d, got in names.items():
+            entries.update((d, n) for n in got)
+        return Invalidations(tuple(sorted(kernel_inodes)), tuple(sorted(entries)))
 
     # -- nodes --------------------------------------------------------------
 
@@ -196,12 +322,16 @@ class View:
         if is_side_ino(ino):
             return self._side_node(ino)
         inode = self._inode(ino)
+        if self.watched and inode.i_links_count == 0:
+            # Deleted since the kernel looked it up: a name it still holds
+            # must not show the dead inode.
+            raise ViewNotFound(ino)
         on_disk = self.fs.xattrs(inode)
         xattrs = passthrough_xattrs(on_disk, ino)
         context = raw = None
         size = inode.i_size
         if inode.is_dir and (inode.is_encrypted or self._encrypting):
-            xattrs.update(encode_dir_xattrs(self.fs.block_size))
+            xattrs.update(encode_dir_xattrs(self.fs.block_size, self.fs.default_dirhash))
         if inode.is_encrypted:
             raw = fscrypt_context_raw(on_disk)
             if raw is None:
@@ -288,6 +418,7 @@ class View:
         self._fresh()
         listing = self._listings.get(dir_ino)
         if listing is None:
+            self._before_reading(dir_ino)
             inode = self._inode(dir_ino)
             if not inode.is_dir:
                 raise NotADirectoryError(dir_ino)
@@ -349,3 +480,17 @@ class View:
         if not is_small(attr):
             return None
         return self._ahead.contents(ino, attr)
+
+    def statfs(self) -> StatfsFigures:
+        """The figures the kernel's ext4_statfs() reports, from the superblock read at open."""
+        sb = self.fs.sb
+        blocks, free, reserved = sb.statfs_counts()
+        return StatfsFigures(
+            block_size=self.fs.block_size,
+            blocks=blocks,
+            free_blocks=free,
+            available_blocks=max(0, free - reserved),
+            files=sb.s_inodes_count,
+            free_files=min(sb.s_free_inodes_count, sb.s_inodes_count),
+            name_max=EXT4_NAME_LEN,
+        )
