@@ -21,7 +21,7 @@ from .blockdev import BlockSource
 from .directory import Directories, ReaddirHash
 from .dirent import DirEntry
 from .errors import CorruptError, Ext4Error, NotExt4Error
-from .ext_attr import read_xattrs
+from .ext_attr import find_xattr, read_xattrs
 from .extents import BlockRange, Mapping
 from .fileio import FileData
 from .inode import (
@@ -332,3 +332,7 @@ class Filesystem:
     def xattrs(self, inode: Inode) -> list[Xattr]:
         """In-inode xattrs, then those of the EA block, EA inode values resolved."""
         return read_xattrs(self, inode)
+
+    def xattr(self, inode: Inode, name_index: int, name: bytes) -> bytes | None:
+        """One xattr's value or None, reading the EA block only when the body lacks it."""
+        return find_xattr(self, inode, name_index, name)

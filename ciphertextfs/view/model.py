@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
-from ciphertextfs.fscrypt.policy import FscryptContext, FscryptError, parse_context
+from ciphertextfs.fscrypt.policy import (
+    FSCRYPT_FILE_NONCE_SIZE,
+    FscryptContext,
+    FscryptError,
+    parse_context,
+)
 from ciphertextfs.lru import LRU
 from ciphertextfs.view.names import (
     Entry,
@@ -31,7 +36,12 @@ from ciphertextfs.view.names import (
 )
 from ciphertextfs.view.readahead import ReadAhead, is_small
 from ciphertextfs.view.symlinks import view_target
-from ciphertextfs.view.xattrs import acl_read_only, fscrypt_context_raw, passthrough_xattrs
+from ciphertextfs.view.xattrs import (
+    EXT4_XATTR_INDEX_ENCRYPTION,
+    acl_read_only,
+    fscrypt_context_raw,
+    passthrough_xattrs,
+)
 from ciphertextfs.viewformat import SIDE_FILE_NAME, encode_dir_xattrs, encode_inode_xattrs
 
 ACL_ACCESS = b"system.posix_acl_access"
@@ -70,8 +80,10 @@ class DirectoryDamaged(OSError):
         super().__init__(errno.EIO, what)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Attr:
+    """What stat shows of one view inode (built once per inode; never mutated)."""
+
     st_ino: int
     st_mode: int
     st_nlink: int
@@ -84,16 +96,6 @@ class Attr:
     st_mtime_ns: int
     st_ctime_ns: int
     generation: int
-
-
-@dataclass(frozen=True, slots=True)
-class Node:
-    """Everything the view derives from one inode, computed once."""
-
-    attr: Attr
-    xattrs: dict[bytes, bytes]
-    context: FscryptContext | None
-    context_raw: bytes | None
 
 
 class View:
@@ -116,6 +118,11 @@ class View:
         self.live = live
         self.cache_timeout = LIVE_CACHE_TIMEOUT if live else STATIC_CACHE_TIMEOUT
         self._nodes = LRU(65536)
+        """Attributes per inode: all a listing needs, built from the inode alone."""
+        self._xattr_sets = LRU(16384)
+        """The view's xattrs per inode, built when one is asked for."""
+        self._policies = LRU(256)
+        """Parsed fscrypt contexts by everything but their nonce: what sizes depend on."""
         self._listings = LRU(4096)
         self._ahead = ReadAhead(fs, self.attr, self._inode, self._listings.get)
         self._lock = threading.Lock()
@@ -138,6 +145,7 @@ class View:
                     log.warning("syncfs of the live source failed: %s", e)
             with self._lock:
                 self._nodes.clear()
+                self._xattr_sets.clear()
                 self._listings.clear()
                 self.fs.drop_caches()
                 self._stamp = now
@@ -146,14 +154,23 @@ class View:
     def _inode(self, ino: int) -> Inode:
         return self.fs.inode(ino)
 
-    def _node(self, ino: int) -> Node:
+    def attr(self, ino: int) -> Attr:
         self._fresh()
-        node = self._nodes.get(ino)
-        if node is None:
-            node = self._build_node(ino)
+        attr = self._nodes.get(ino)
+        if attr is None:
+            attr = self._build_attr(ino)
             with self._lock:
-                self._nodes.put(ino, node)
-        return node
+                self._nodes.put(ino, attr)
+        return attr
+
+    def _xattrs(self, ino: int) -> dict[bytes, bytes]:
+        self._fresh()
+        xattrs = self._xattr_sets.get(ino)
+        if xattrs is None:
+            xattrs = self._build_xattrs(ino)
+            with self._lock:
+                self._xattr_sets.put(ino, xattrs)
+        return xattrs
 
     def listing(self, dir_ino: int) -> Listing:
         self._fresh()
@@ -170,14 +187,59 @@ class View:
 
     # -- nodes --------------------------------------------------------------
 
-    def _build_node(self, ino: int) -> Node:
+    def _context(self, inode: Inode) -> tuple[bytes, FscryptContext]:
+        """An encrypted inode's raw context, and its policy parsed once per policy.
+
+        Everything a size or a view target depends on is in the policy part;
+        the nonce, the last 16 bytes, is each file's own.
+        """
+        raw = self.fs.xattr(inode, EXT4_XATTR_INDEX_ENCRYPTION, b"c")
+        if raw is None:
+            raise FscryptError(f"inode {inode.ino}: encrypted but has no fscrypt context")
+        key = raw[:-FSCRYPT_FILE_NONCE_SIZE]
+        context = self._policies.get(key)
+        if context is None:
+            context = parse_context(raw)
+            self._policies.put(key, context)
+        return raw, context
+
+    def _build_attr(self, ino: int) -> Attr:
+        """Attributes from the inode alone: no xattrs but the context an encrypted size needs."""
         if is_side_ino(ino):
-            return self._side_node(ino)
+            return self._side_attr(ino)
+        inode = self._inode(ino)
+        size = inode.i_size
+        if inode.is_encrypted:
+            context = self._context(inode)[1]
+            if inode.is_reg:
+                size = context.ciphertext_size(inode.i_size, self.fs.block_size)
+            elif inode.is_symlink:
+                size = len(view_target(self.fs, inode)[0])
+        mode = inode.i_mode
+        rdev = 0
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            rdev = os.makedev(*inode.rdev)
+        return Attr(
+            ino,
+            mode,
+            inode.i_links_count,
+            inode.i_uid,
+            inode.i_gid,
+            rdev,
+            size,
+            (size + 511) // 512,
+            inode.i_atime_ns,
+            inode.i_mtime_ns,
+            inode.i_ctime_ns,
+            inode.i_generation,
+        )
+
+    def _build_xattrs(self, ino: int) -> dict[bytes, bytes]:
+        if is_side_ino(ino):
+            return self._side_xattrs(ino)
         inode = self._inode(ino)
         on_disk = self.fs.xattrs(inode)
         xattrs = passthrough_xattrs(on_disk, ino)
-        context = raw = None
-        size = inode.i_size
         if inode.is_dir and (inode.is_encrypted or self._encrypting):
             xattrs.update(encode_dir_xattrs(self.fs.block_size))
         if inode.is_encrypted:
@@ -192,43 +254,24 @@ class View:
                     size=inode.i_size if inode.is_reg else None,
                 )
             )
-            if inode.is_reg:
-                size = context.ciphertext_size(inode.i_size, self.fs.block_size)
-            elif inode.is_symlink:
-                size = len(view_target(self.fs, inode)[0])
             if not (inode.is_reg or inode.is_dir):
                 # Linux allows user.* xattrs only on files and directories;
                 # symlinks carry theirs in the target.
                 xattrs = {k: v for k, v in xattrs.items() if not k.startswith(b"user.")}
-        rdev = 0
-        if stat.S_ISCHR(inode.i_mode) or stat.S_ISBLK(inode.i_mode):
-            rdev = os.makedev(*inode.rdev)
-        attr = Attr(
-            st_ino=ino,
-            st_mode=inode.i_mode,
-            st_nlink=inode.i_links_count,
-            st_uid=inode.i_uid,
-            st_gid=inode.i_gid,
-            st_rdev=rdev,
-            st_size=size,
-            st_blocks=(size + 511) // 512,
-            st_atime_ns=inode.i_atime_ns,
-            st_mtime_ns=inode.i_mtime_ns,
-            st_ctime_ns=inode.i_ctime_ns,
-            generation=inode.i_generation,
-        )
-        return Node(attr, xattrs, context, raw)
+        return xattrs
 
-    def _side_node(self, ino: int) -> Node:
+    def _side_listing(self, ino: int) -> tuple[int, Listing]:
         dir_ino = ino - side_file_ino(0)
         listing = self.listing(dir_ino)
         if listing.side_file is None:
             raise ViewNotFound(ino)
-        dnode = self._node(dir_ino)
-        d = dnode.attr
-        acl = dnode.xattrs.get(ACL_ACCESS)
-        xattrs = {ACL_ACCESS: acl_read_only(acl)} if acl is not None else {}
-        attr = Attr(
+        return dir_ino, listing
+
+    def _side_attr(self, ino: int) -> Attr:
+        dir_ino, listing = self._side_listing(ino)
+        d = self.attr(dir_ino)
+        # The directory's read permission exactly: its ACL too (see _side_xattrs).
+        return Attr(
             st_ino=ino,
             st_mode=stat.S_IFREG | (d.st_mode & 0o444),
             st_nlink=1,
@@ -242,14 +285,15 @@ class View:
             st_ctime_ns=d.st_ctime_ns,
             generation=0,
         )
-        # The directory's read permission exactly: its ACL too, which the
-        # kernel enforces on the side file as on the directory.
-        return Node(attr, xattrs, None, None)
+
+    def _side_xattrs(self, ino: int) -> dict[bytes, bytes]:
+        """The directory's access ACL, read-only: the kernel enforces it on the side file
+        as on the directory."""
+        dir_ino, _listing = self._side_listing(ino)
+        acl = self._xattrs(dir_ino).get(ACL_ACCESS)
+        return {ACL_ACCESS: acl_read_only(acl)} if acl is not None else {}
 
     # -- the API the adapter uses ---------------------------------------------
-
-    def attr(self, ino: int) -> Attr:
-        return self._node(ino).attr
 
     def entries(self, dir_ino: int) -> tuple[Entry, ...]:
         return self.listing(dir_ino).entries
@@ -269,26 +313,25 @@ class View:
         return ino
 
     def xattr_names(self, ino: int) -> list[bytes]:
-        return list(self._node(ino).xattrs)
+        return list(self._xattrs(ino))
 
     def xattr(self, ino: int, name: bytes) -> bytes:
         try:
-            return self._node(ino).xattrs[name]
+            return self._xattrs(ino)[name]
         except KeyError:
             raise ViewNoAttr(name) from None
 
     def readlink(self, ino: int) -> bytes:
-        node = self._node(ino)
+        self.attr(ino)
         inode = self._inode(ino)
         if not inode.is_symlink:
             raise ViewNotFound(ino)
-        if node.context is not None:
+        if inode.is_encrypted:
             return view_target(self.fs, inode)[0]
         return self.fs.symlink_body(inode)
 
     def read(self, ino: int, offset: int, length: int) -> bytes:
-        node = self._node(ino)
-        size = node.attr.st_size
+        size = self.attr(ino).st_size
         if offset >= size or length <= 0:
             return b""
         length = min(length, size - offset)
@@ -306,7 +349,7 @@ class View:
         None for anything else, and for a small file that could not be read
         ahead (it is then read on its own, and reports its own error).
         """
-        attr = self._node(ino).attr
+        attr = self.attr(ino)
         if not is_small(attr):
             return None
         return self._ahead.contents(ino, attr)
