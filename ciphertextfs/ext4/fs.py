@@ -56,6 +56,7 @@ META_CACHE_BYTES = 16 << 20
 INODE_CACHE = 8192
 GDESC_CACHE = 16384
 MAX_JOURNAL_BLOCKS = 1 << 24
+_OFF_LINKS = 0x1A  # i_links_count in struct ext4_inode
 
 
 class Filesystem:
@@ -258,7 +259,12 @@ class Filesystem:
     # -- inodes -----------------------------------------------------------
 
     def inode(self, ino: int) -> Inode:
-        """Read inode `ino` (CorruptError when it cannot be located or parsed)."""
+        """Read inode `ino` (CorruptError when it cannot be located or parsed).
+
+        A miss parses the in-use inodes of the same inode table block along
+        with it: a listing asks for them next, and the block, its group
+        descriptor and its checks are then paid once per block.
+        """
         cached = self._inodes.get(ino)
         if cached is not None:
             return cached
@@ -277,7 +283,36 @@ class Filesystem:
         if self.csum_seed is not None and not inode_checksum_ok(inode, self.csum_seed):
             self.warn(f"inode {ino}: checksum mismatch")
         self._inodes.put(ino, inode)
+        first = ino - off // isz
+        end = min(first + self.block_size // isz, ino - index + sb.s_inodes_per_group)
+        self._parse_neighbours(block, first, end, ino)
         return inode
+
+    def _parse_neighbours(self, block: bytes, first: int, end: int, done: int) -> None:
+        """Cache the other in-use inodes `first` to `end` - 1 of an inode table block.
+
+        Only what is sound is cached: a neighbour that does not parse or
+        whose checksum fails is left for its own request, which reports it;
+        free slots (no links) are skipped.
+        """
+        sb = self.sb
+        isz = sb.inode_size
+        seed = self.csum_seed
+        found = []
+        for n in range(first, min(end, sb.s_inodes_count + 1)):
+            if n == done:
+                continue
+            off = (n - first) * isz
+            if block[off + _OFF_LINKS] == 0 == block[off + _OFF_LINKS + 1]:
+                continue
+            try:
+                neighbour = parse_inode(sb, n, block[off : off + isz])
+            except CorruptError:
+                continue
+            if seed is not None and not inode_checksum_ok(neighbour, seed):
+                continue
+            found.append((n, neighbour))
+        self._inodes.put_many(found)
 
     def inode_csum_seed(self, inode: Inode) -> int | None:
         """The checksum seed of an inode's own metadata, None without metadata_csum."""
