@@ -14,6 +14,7 @@ filesystem is worth more than none.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from ciphertextfs.lru import LRU
 
@@ -56,7 +57,6 @@ META_CACHE_BYTES = 16 << 20
 INODE_CACHE = 8192
 GDESC_CACHE = 16384
 MAX_JOURNAL_BLOCKS = 1 << 24
-_OFF_LINKS = 0x1A  # i_links_count in struct ext4_inode
 
 
 class Filesystem:
@@ -85,6 +85,9 @@ class Filesystem:
         self.limits = BlockRange(sb.s_first_data_block, sb.blocks_count)
         #: The filesystem's metadata checksum seed, None without metadata_csum.
         self.csum_seed: int | None = sb.csum_seed if sb.metadata_csum else None
+        self._group_count = sb.group_count
+        self._inode_size = sb.inode_size
+        self._table_blocks = -(-(sb.s_inodes_per_group * sb.inode_size) // self.block_size)
 
     # -- opening ----------------------------------------------------------
 
@@ -241,7 +244,7 @@ class Filesystem:
     def group_desc(self, group: int) -> GroupDesc:
         """Descriptor of one block group (checksum mismatches are warnings)."""
         sb = self.sb
-        if not 0 <= group < sb.group_count:
+        if not 0 <= group < self._group_count:
             raise CorruptError(f"group {group} does not exist")
         gd = self._gdescs.get(group)
         if gd is not None:
@@ -259,60 +262,58 @@ class Filesystem:
     # -- inodes -----------------------------------------------------------
 
     def inode(self, ino: int) -> Inode:
-        """Read inode `ino` (CorruptError when it cannot be located or parsed).
-
-        A miss parses the in-use inodes of the same inode table block along
-        with it: a listing asks for them next, and the block, its group
-        descriptor and its checks are then paid once per block.
-        """
+        """Read inode `ino` (CorruptError when it cannot be located or parsed)."""
         cached = self._inodes.get(ino)
         if cached is not None:
             return cached
+        blk, off = self._inode_place(ino)
+        inode = self._parse_inode(ino, self.read_block(blk), off)
+        self._inodes.put(ino, inode)
+        return inode
+
+    def inodes(self, inos: Sequence[int]) -> list[Inode | None]:
+        """Several inodes at once, each inode table block looked up once for all of them.
+
+        None where an inode cannot be read: its own `inode` call says why.
+        Consecutive numbers share table blocks, so a caller sorts them.
+        """
+        out: list[Inode | None] = []
+        fresh = []
+        block_nr = -1
+        block = b""
+        for ino in inos:
+            inode = self._inodes.get(ino)
+            if inode is None:
+                try:
+                    blk, off = self._inode_place(ino)
+                    if blk != block_nr:
+                        block, block_nr = self.read_block(blk), blk
+                    inode = self._parse_inode(ino, block, off)
+                except CorruptError:
+                    block_nr = -1
+                else:
+                    fresh.append((ino, inode))
+            out.append(inode)
+        self._inodes.put_many(fresh)
+        return out
+
+    def _inode_place(self, ino: int) -> tuple[int, int]:
+        """(block, offset in it) of inode `ino` in its group's inode table."""
         sb = self.sb
         if not 1 <= ino <= sb.s_inodes_count:
             raise CorruptError(f"inode {ino} out of range")
         group, index = divmod(ino - 1, sb.s_inodes_per_group)
         gd = self.group_desc(group)
-        isz = sb.inode_size
-        table_blocks = -(-(sb.s_inodes_per_group * isz) // self.block_size)
-        if not self.limits.valid(gd.bg_inode_table, table_blocks):
+        if not self.limits.valid(gd.bg_inode_table, self._table_blocks):
             raise CorruptError(f"inode {ino}: group {group} inode table outside the filesystem")
-        blk, off = divmod(index * isz, self.block_size)
-        block = self.read_block(gd.bg_inode_table + blk)
-        inode = parse_inode(sb, ino, block[off : off + isz])
+        blk, off = divmod(index * self._inode_size, self.block_size)
+        return gd.bg_inode_table + blk, off
+
+    def _parse_inode(self, ino: int, block: bytes, off: int) -> Inode:
+        inode = parse_inode(self.sb, ino, block[off : off + self._inode_size])
         if self.csum_seed is not None and not inode_checksum_ok(inode, self.csum_seed):
             self.warn(f"inode {ino}: checksum mismatch")
-        self._inodes.put(ino, inode)
-        first = ino - off // isz
-        end = min(first + self.block_size // isz, ino - index + sb.s_inodes_per_group)
-        self._parse_neighbours(block, first, end, ino)
         return inode
-
-    def _parse_neighbours(self, block: bytes, first: int, end: int, done: int) -> None:
-        """Cache the other in-use inodes `first` to `end` - 1 of an inode table block.
-
-        Only what is sound is cached: a neighbour that does not parse or
-        whose checksum fails is left for its own request, which reports it;
-        free slots (no links) are skipped.
-        """
-        sb = self.sb
-        isz = sb.inode_size
-        seed = self.csum_seed
-        found = []
-        for n in range(first, min(end, sb.s_inodes_count + 1)):
-            if n == done:
-                continue
-            off = (n - first) * isz
-            if block[off + _OFF_LINKS] == 0 == block[off + _OFF_LINKS + 1]:
-                continue
-            try:
-                neighbour = parse_inode(sb, n, block[off : off + isz])
-            except CorruptError:
-                continue
-            if seed is not None and not inode_checksum_ok(neighbour, seed):
-                continue
-            found.append((n, neighbour))
-        self._inodes.put_many(found)
 
     def inode_csum_seed(self, inode: Inode) -> int | None:
         """The checksum seed of an inode's own metadata, None without metadata_csum."""

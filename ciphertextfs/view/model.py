@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ciphertextfs.ext4.errors import CorruptError
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
@@ -63,6 +64,12 @@ STATIC_CACHE_TIMEOUT = 3600.0
 
 LIVE_CACHE_TIMEOUT = 1.0
 """A mounted filesystem does: keep what the kernel and the view cache short."""
+
+ATTRS_AHEAD_MAX = 16384
+"""Largest directory whose entries' attributes are built along with its listing."""
+
+ATTRS_AHEAD_BATCH = 512
+"""Inodes read per batch then: few enough to stay in the reader's inode cache."""
 
 
 class ViewNotFound(LookupError):
@@ -183,34 +190,69 @@ class View:
             with self._lock:
                 self._listings.put(dir_ino, listing)
             self._ahead.note_listing(dir_ino, listing)
+            self._attrs_ahead(listing)
         return listing
+
+    def _attrs_ahead(self, listing: Listing) -> None:
+        """Build the attributes of a new listing's entries in inode number order.
+
+        readdirplus asks for them next in name hash order, scattered over
+        the inode tables; in number order each table block is looked up
+        once for all its inodes.  Not for a directory too large for the
+        caches, whose first entries would be evicted before they are asked
+        for; an entry that cannot be read is left for its own request.
+        """
+        if len(listing.entries) > ATTRS_AHEAD_MAX:
+            return
+        nodes = self._nodes
+        inos = sorted({ino for _name, ino in listing.entries if not is_side_ino(ino)})
+        for start in range(0, len(inos), ATTRS_AHEAD_BATCH):
+            chunk = [i for i in inos[start : start + ATTRS_AHEAD_BATCH] if nodes.get(i) is None]
+            found = []
+            for ino, inode in zip(chunk, self.fs.inodes(chunk), strict=True):
+                if inode is None:
+                    continue
+                try:
+                    found.append((ino, self._attr_of(ino, inode)))
+                except (CorruptError, FscryptError):
+                    continue
+            with self._lock:
+                nodes.put_many(found)
 
     # -- nodes --------------------------------------------------------------
 
-    def _context(self, inode: Inode) -> tuple[bytes, FscryptContext]:
-        """An encrypted inode's raw context, and its policy parsed once per policy.
-
-        Everything a size or a view target depends on is in the policy part;
-        the nonce, the last 16 bytes, is each file's own.
-        """
+    def _inode_policy(self, inode: Inode) -> FscryptContext:
+        """The policy of an encrypted inode (see `_policy`), found without its EA block."""
         raw = self.fs.xattr(inode, EXT4_XATTR_INDEX_ENCRYPTION, b"c")
         if raw is None:
             raise FscryptError(f"inode {inode.ino}: encrypted but has no fscrypt context")
+        return self._policy(raw)
+
+    def _policy(self, raw: bytes) -> FscryptContext:
+        """A raw context parsed and checked once per policy.
+
+        Every file of a policy has the same context but for its nonce, the
+        last 16 bytes: the result carries the nonce of the first such file,
+        and only what the policy decides (sizes, modes, flags) may be read
+        from it.
+        """
         key = raw[:-FSCRYPT_FILE_NONCE_SIZE]
         context = self._policies.get(key)
         if context is None:
             context = parse_context(raw)
             self._policies.put(key, context)
-        return raw, context
+        return context
 
     def _build_attr(self, ino: int) -> Attr:
         """Attributes from the inode alone: no xattrs but the context an encrypted size needs."""
         if is_side_ino(ino):
             return self._side_attr(ino)
-        inode = self._inode(ino)
+        return self._attr_of(ino, self._inode(ino))
+
+    def _attr_of(self, ino: int, inode: Inode) -> Attr:
         size = inode.i_size
         if inode.is_encrypted:
-            context = self._context(inode)[1]
+            context = self._inode_policy(inode)
             if inode.is_reg:
                 size = context.ciphertext_size(inode.i_size, self.fs.block_size)
             elif inode.is_symlink:
@@ -246,7 +288,7 @@ class View:
             raw = fscrypt_context_raw(on_disk)
             if raw is None:
                 raise FscryptError(f"inode {ino}: encrypted but has no fscrypt context")
-            context = parse_context(raw)
+            context = self._policy(raw)
             xattrs.update(
                 encode_inode_xattrs(
                     raw,

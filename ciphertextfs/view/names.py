@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ciphertextfs.ext4.dirent import EXT4_FT_SYMLINK, EXT4_FT_UNKNOWN
 from ciphertextfs.ext4.errors import CorruptError
@@ -41,8 +42,9 @@ FSCRYPT_NOKEY_PREFIX_LEN = 149
 """Ciphertext names longer than this get a lossy no-key name."""
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """One name of a listing (a tuple: one per entry, and cheap to build)."""
+
     name: bytes
     ino: int
 
