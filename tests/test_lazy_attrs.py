@@ -26,7 +26,7 @@ from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.view import model
 from ciphertextfs.view.model import View
 from ciphertextfs.view.names import is_side_ino
-from ciphertextfs.viewformat import XATTR_FSCRYPT_CONTEXT
+from ciphertextfs.viewformat import XATTR_FSCRYPT_CONTEXT, XATTR_FSCRYPT_INO
 from tests import harness, trees
 
 CORPUS = Path("/work/shared/corpus/e2fsprogs")
@@ -202,11 +202,11 @@ def test_attrs_read_ahead_skip_what_cannot_be_read(tmp_path: Path) -> None:
 def test_encrypted_sizes_and_contexts_per_file(tmp_path: Path) -> None:
     """Policies parsed once: each file still shows its own context and its own size."""
     harness.require_kernel()
-    image = harness.mkfs(tmp_path / "enc.img", size_mb=32, features=("encrypt",))
+    image = harness.mkfs(tmp_path / "enc.img", size_mb=32, features=("encrypt", "stable_inodes"))
     sizes = [0, 1, 15, 16, 17, 4095, 4096, 4097, 10000]
     with harness.mounted(image, tmp_path / "build.mnt") as (_dev, mnt):
         with trees.keys_added(mnt) as keys:
-            for name in ("v2", "v2-pad4", "v1"):
+            for name in ("v2", "v2-ino64", "v2-pad4", "v1"):
                 d = mnt / name
                 d.mkdir()
                 trees.POLICY[name].apply(d, keys)
@@ -231,9 +231,11 @@ def test_encrypted_sizes_and_contexts_per_file(tmp_path: Path) -> None:
                 if inode.is_reg:
                     assert a.st_size == context.ciphertext_size(inode.i_size, fs.block_size)
                     assert view.xattr(e.ino, XATTR_FSCRYPT_CONTEXT) == raw
+                    bound = XATTR_FSCRYPT_INO in view.xattr_names(e.ino)
+                    assert bound == (top.name == b"v2-ino64"), (top.name, e.name)
                     contexts.add(raw)
                     checked += 1
                 elif inode.is_symlink:
                     assert a.st_size == len(view.readlink(e.ino))
-    assert checked == 3 * len(sizes)
+    assert checked == 4 * len(sizes)
     assert len(contexts) == checked, "a file showed another file's context"
