@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import logging
 import os
 import signal
@@ -86,6 +87,12 @@ SMALL_READ = 128 << 10
 #: while a large read is in progress.
 READ_THREADS = 2
 
+
+#: The daemon's cyclic garbage collector runs a young collection after this
+#: many allocations instead of 700: listings build several small objects per
+#: entry, none of them in a cycle, and each collection walks every young one
+#: (benchmarks/RESULTS.md, "Per-entry cost").
+GC_THRESHOLDS = (100_000, 50, 100)
 
 #: ext4 file names are at most 255 bytes.
 NAME_MAX = 255
@@ -519,6 +526,7 @@ def serve(
     end the loop and unmount; `fusermount3 -u` ends the loop from outside.
     """
     pyfuse3.init(ops, mountpoint, options)
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         trio.run(_serve, mountpoint, on_ready)
     finally:
