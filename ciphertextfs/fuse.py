@@ -92,7 +92,7 @@ READ_THREADS = 2
 #: many allocations instead of 700: listings build several small objects per
 #: entry, none of them in a cycle, and each collection walks every young one
 #: (benchmarks/RESULTS.md, "Per-entry cost").
-GC_THRESHOLDS = (100_000, 50, 100)
+GC_THRESHOLDS = (100_000, 10, 10)
 
 #: ext4 file names are at most 255 bytes.
 NAME_MAX = 255
