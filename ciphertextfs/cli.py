@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 
-from ciphertextfs import __version__
-from ciphertextfs.commands import PROG, CommandError
+from ciphertextfs import EXIT_SIGNAL_BASE, PROG, __version__
+from ciphertextfs.commands import CommandError
 from ciphertextfs.commands.mount import helper_argv
 
 COMMANDS = ("mount", "decrypt", "restore_image", "keys", "inspect", "demo")
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_SIGNAL_BASE + signal.SIGINT
 
 
 if __name__ == "__main__":

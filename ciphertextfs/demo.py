@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ciphertextfs import EXIT_FATAL, EXIT_OK
 from ciphertextfs.fscrypt import kernel
 
 DEMO_FILES = {
@@ -165,5 +166,5 @@ def main(keep: Path | None = None) -> int:
                 run_demo(Path(d))
     except DemoError as e:
         print(f"ciphertextfs: demo failed: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FATAL
+    return EXIT_OK

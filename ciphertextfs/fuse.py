@@ -64,6 +64,7 @@ import trio
 
 from ciphertextfs.pagecache import PageCacheBudget
 from ciphertextfs.view.model import ViewNoAttr, ViewNotFound
+from ciphertextfs.view.protocol import ViewProtocol
 
 log = logging.getLogger("ciphertextfs")
 
@@ -93,9 +94,6 @@ READ_THREADS = 2
 #: entry, none of them in a cycle, and each collection walks every young one
 #: (benchmarks/RESULTS.md, "Per-entry cost").
 GC_THRESHOLDS = (100_000, 10, 10)
-
-#: ext4 file names are at most 255 bytes.
-NAME_MAX = 255
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -169,8 +167,7 @@ class CiphertextOperations(pyfuse3.Operations):
 
     def __init__(
         self,
-        view: Any,
-        sb: Any,
+        view: ViewProtocol,
         *,
         statvfs_path: str | None = None,
         direct_io: bool = DIRECT_IO,
@@ -178,11 +175,10 @@ class CiphertextOperations(pyfuse3.Operations):
     ) -> None:
         super().__init__()
         self.view = view
-        self.sb = sb
         self.statvfs_path = statvfs_path
         self.direct_io = direct_io
         self.timeout = float(view.cache_timeout)
-        self.keep_cache = not getattr(view, "live", False)
+        self.keep_cache = not view.live
         self._limiter = trio.CapacityLimiter(read_threads) if read_threads > 0 else None
         self._dir_handles: dict[int, tuple[int, Sequence[Any], bool]] = {}
         self._open_counts: dict[int, int] = {}
@@ -218,15 +214,15 @@ class CiphertextOperations(pyfuse3.Operations):
         e.st_rdev = a.st_rdev
         e.st_size = a.st_size
         e.st_blocks = a.st_blocks
-        e.st_blksize = self.sb_block_size
+        e.st_blksize = self.block_size
         e.st_atime_ns = a.st_atime_ns
         e.st_mtime_ns = a.st_mtime_ns
         e.st_ctime_ns = a.st_ctime_ns
         return e
 
     @functools.cached_property
-    def sb_block_size(self) -> int:
-        return self.sb.block_size
+    def block_size(self) -> int:
+        return self.view.statfs().block_size
 
     # -- lookups and attributes ---------------------------------------------
 
@@ -421,20 +417,20 @@ class CiphertextOperations(pyfuse3.Operations):
     @_fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
+        figures = self.view.statfs()
         if self.statvfs_path is not None:
             v = os.statvfs(self.statvfs_path)
             s.f_bsize, s.f_frsize = v.f_bsize, v.f_frsize
             s.f_blocks, s.f_bfree, s.f_bavail = v.f_blocks, v.f_bfree, v.f_bavail
             s.f_files, s.f_ffree, s.f_favail = v.f_files, v.f_ffree, v.f_favail
         else:
-            blocks, free, reserved = self.sb.statfs_counts()
-            s.f_bsize = s.f_frsize = self.sb_block_size
-            s.f_blocks = blocks
-            s.f_bfree = free
-            s.f_bavail = max(0, free - reserved)
-            s.f_files = self.sb.s_inodes_count
-            s.f_ffree = s.f_favail = min(self.sb.s_free_inodes_count, self.sb.s_inodes_count)
-        s.f_namemax = NAME_MAX
+            s.f_bsize = s.f_frsize = figures.block_size
+            s.f_blocks = figures.blocks
+            s.f_bfree = figures.free_blocks
+            s.f_bavail = figures.available_blocks
+            s.f_files = figures.files
+            s.f_ffree = s.f_favail = figures.free_files
+        s.f_namemax = figures.name_max
         return s
 
     # -- everything that would modify: EROFS ---------------------------------

@@ -23,8 +23,7 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ciphertextfs import __version__
-from ciphertextfs.commands import PROG
+from ciphertextfs import PROG, __version__
 
 #: Where docs/FORMAT.md lies in a source tree (an editable install or a checkout).
 FORMAT_MD = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"

@@ -1,7 +1,7 @@
 """POSIX ACLs in the kernel's xattr form (`system.posix_acl_*`), and from their text form.
 
 The view, the restore and restore-image all meet ACLs: ext4 stores them in
-its own compact format (converted in view/xattrs.py), the VFS and GNU tar
+its own compact format (ext4/acl.py converts it), the VFS and GNU tar
 exchange the binary form below, and bsdtar archives carry only the text
 form of acl(5) (`SCHILY.acl.access` records), which a restore must turn
 back into the binary form or lose the ACL.
@@ -22,10 +22,14 @@ __all__ = [
     "ACL_OTHER",
     "ACL_UNDEFINED_ID",
     "ACL_MAX_ENTRIES",
+    "XATTR_NAME_POSIX_ACL_ACCESS",
+    "XATTR_NAME_POSIX_ACL_DEFAULT",
     "from_text",
     "is_minimal",
 ]
 
+XATTR_NAME_POSIX_ACL_ACCESS = b"system.posix_acl_access"
+XATTR_NAME_POSIX_ACL_DEFAULT = b"system.posix_acl_default"
 POSIX_ACL_XATTR_VERSION = 0x0002
 ACL_USER_OBJ = 0x01
 ACL_USER = 0x02

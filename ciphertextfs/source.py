@@ -16,8 +16,7 @@ import stat
 from dataclasses import dataclass
 
 from ciphertextfs.ext4.inode import EXT4_ROOT_INO
-
-MOUNTINFO = "/proc/self/mountinfo"
+from ciphertextfs.mounts import MOUNTINFO, loop_devices_of, read_mountinfo
 
 
 class SourceError(Exception):
@@ -38,66 +37,6 @@ class Source:
     root_ino: int = EXT4_ROOT_INO
     live: bool = False
     directory: str | None = None
-
-
-@dataclass(frozen=True)
-class MountInfo:
-    mount_point: str
-    dev: tuple[int, int]
-    fs_type: str
-    source: str
-
-
-def _unescape(field: str) -> str:
-    """Undo the kernel's octal escapes of space, tab, newline and backslash."""
-    out = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def parse_mountinfo(text: str) -> list[MountInfo]:
-    """Entries of /proc/self/mountinfo (see proc(5)); malformed lines are skipped."""
-    result = []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        try:
-            sep = fields.index("-", 6)
-            major, minor = fields[2].split(":")
-            result.append(
-                MountInfo(
-                    mount_point=_unescape(fields[4]),
-                    dev=(int(major), int(minor)),
-                    fs_type=fields[sep + 1],
-                    source=_unescape(fields[sep + 2]),
-                )
-            )
-        except (ValueError, IndexError):
-            continue
-    return result
-
-
-def read_mountinfo() -> list[MountInfo]:
-    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
-        return parse_mountinfo(f.read())
-
-
-def is_mount_point(path: str) -> bool:
-    """True when something is mounted exactly on `path`.
-
-    Bind mounts of a directory of the same filesystem keep st_dev, so the
-    st_dev comparison of os.path.ismount alone misses them.
-    """
-    real = os.path.realpath(path)
-    if os.path.ismount(real):
-        return True
-    return any(m.mount_point == real for m in read_mountinfo())
 
 
 def syncfs(fd: int) -> None:
@@ -161,27 +100,6 @@ def _directory_source(path: str, st: os.stat_result) -> Source:
     return Source(path=device, root_ino=st.st_ino, live=True, directory=path)
 
 
-def _loop_devices_of(image: str) -> list[tuple[int, int]]:
-    """Device numbers of the loop devices backed by `image`."""
-    real = os.path.realpath(image)
-    found = []
-    try:
-        names = os.listdir("/sys/block")
-    except OSError:
-        return found
-    for name in names:
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                backing = f.read().strip()
-            with open(f"/sys/block/{name}/dev") as f:
-                major, minor = f.read().strip().split(":")
-        except (OSError, ValueError):
-            continue
-        if backing == real:
-            found.append((int(major), int(minor)))
-    return found
-
-
 def _mounted_device_source(path: str, st: os.stat_result) -> Source | None:
     """A device (or an image behind a loop device) that ext4 has mounted.
 
@@ -192,7 +110,7 @@ def _mounted_device_source(path: str, st: os.stat_result) -> Source | None:
     if stat.S_ISBLK(st.st_mode):
         devs = [(os.major(st.st_rdev), os.minor(st.st_rdev))]
     else:
-        devs = _loop_devices_of(path)
+        devs = [loop.dev for loop in loop_devices_of(path)]
     if not devs:
         return None
     for mount in read_mountinfo():

@@ -169,3 +169,48 @@ def test_six_bytes_in_the_root_block(ext4, tmp_path: Path) -> None:
     with harness.mounted(image, tmp_path / "kmnt", options="noload", read_only=True) as (_, km):
         ls = subprocess.run(["ls", "-f", km], capture_output=True, text=True)
     assert ls.returncode != 0, ls.stdout
+
+
+def test_htree_root_checksum_is_checked_where_the_kernel_puts_it(ext4, tmp_path: Path) -> None:
+    """The dx_root's checksum covers its dx entries, found past dx_root_info's info_length.
+
+    A kernel-made htree reads without a checksum warning; one changed hash in
+    the root's dx entries is the one warning, where e2fsck -fn (the oracle)
+    also finds the directory damaged.  The listing itself stays whole: leaves
+    are read without the index.
+    """
+    from ciphertextfs.ext4.dirent import DX_ROOT_COUNT_OFFSET
+    from ciphertextfs.ext4.fs import Filesystem
+
+    with ext4(features=FEATURES, size_mb=16) as (image, _dev, mnt):
+        (mnt / "big").mkdir()
+        for i in range(FILES):
+            (mnt / "big" / fname(i)).write_bytes(b"")
+
+    def read_big() -> tuple[set[str], list[str]]:
+        with Filesystem.open(image) as fs:
+            root = fs.inode(2)
+            (big,) = [e for e in fs.read_dir(root) if e.name == b"big"]
+            entries, damage = fs.read_dir_checked(fs.inode(big.inode))
+            return {e.name.decode() for e in entries}, [*damage, *fs.warnings]
+
+    names, warnings = read_big()
+    assert names == {fname(i) for i in range(FILES)}
+    assert warnings == []
+    assert subprocess.run(["e2fsck", "-fn", image], capture_output=True).returncode == 0
+
+    root_block = blocks_of(image, "/big")[0]
+    count = int.from_bytes(
+        Path(image).read_bytes()[
+            root_block * 4096 + DX_ROOT_COUNT_OFFSET + 2 : root_block * 4096
+            + DX_ROOT_COUNT_OFFSET
+            + 4
+        ],
+        "little",
+    )
+    assert count >= 2  # a second dx entry, whose hash is poked
+    poke(image, root_block * 4096 + DX_ROOT_COUNT_OFFSET + 8, b"\x01\x02\x03\x04")
+    names, warnings = read_big()
+    assert names == {fname(i) for i in range(FILES)}
+    assert len(warnings) == 1 and "htree block checksum mismatch" in warnings[0], warnings
+    assert subprocess.run(["e2fsck", "-fn", image], capture_output=True).returncode != 0

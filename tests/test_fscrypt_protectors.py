@@ -571,7 +571,7 @@ def test_view_metadata_entry_rules(ext4, tmp_path: Path) -> None:
         (tmp_path / "v3").mkdir()
         proc = run_cli("mount", mnt / "c", tmp_path / "v3")
         assert (
-            proc.returncode == 1 and "holds a real entry named .ciphertextfs-fscrypt" in proc.stderr
+            proc.returncode == 2 and "holds a real entry named .ciphertextfs-fscrypt" in proc.stderr
         )
         assert not daemon_pids(tmp_path / "v3")
         with view(mnt / "c", tmp_path / "v4", "--no-fscrypt-metadata") as err:

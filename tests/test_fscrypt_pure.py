@@ -393,7 +393,7 @@ def test_symlink_body() -> None:
     mk, ctx = _key(1)
     sk = keysetup.derive_file_key(mk, ctx, for_filenames=True)
     target = "/some/where/é".encode()
-    ct = fname.encrypt_symlink(sk, target)
+    ct = fname.encrypt_symlink(sk, target, 4096)
     body = fname.symlink_body(ct)
     assert body[:2] == len(ct).to_bytes(2, "little")
     assert fname.parse_symlink_body(body + b"\0") == ct

@@ -150,3 +150,19 @@ def test_installed_pages_are_current() -> None:
             check=True,
         ).stdout
         assert name.upper() in shown
+
+
+def test_every_command_documents_the_one_exit_status_convention() -> None:
+    """0 done, 1 done but for some reported entries, 2 usage or fatal error: in each --help."""
+    for name, sub in every_parser():
+        if not name:
+            continue
+        epilog = sub.epilog or ""
+        rows = dict(
+            re.findall(r"^  (\d+(?:, \d+)*)  (.*)$", epilog[epilog.index("exit status:") :], re.M)
+        )
+        assert set(rows) - {"130, 143"} <= {"0", "1", "2"}, (name, rows)
+        assert {"0", "2"} <= set(rows), (name, rows)
+        assert rows["2"].startswith("usage error"), (name, rows["2"])
+        if "1" in rows:
+            assert rows["1"].startswith("some "), (name, rows["1"])

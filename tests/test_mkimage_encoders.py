@@ -12,6 +12,7 @@ import struct
 
 import pytest
 
+from ciphertextfs.ext4.acl import ext4_acl_to_posix, posix_acl_to_ext4
 from ciphertextfs.ext4.dirent import (
     DX_ROOT_COUNT_OFFSET,
     EXT4_FT_DIR,
@@ -42,7 +43,6 @@ from ciphertextfs.ext4.xattr import (
     entry_hash,
     ibody_entries,
 )
-from ciphertextfs.view.xattrs import ext4_acl_to_posix, posix_acl_to_ext4
 from tests import harness
 
 

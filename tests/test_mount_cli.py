@@ -132,13 +132,13 @@ def test_directory_of_a_mounted_ext4_with_fresh_data(ext4, tmp_path: Path) -> No
             assert os.statvfs(v.mountpoint).f_bfree == os.statvfs(m).f_bfree
 
 
-# -- errors: one line, exit 1 (2 for usage), nothing mounted ------------------
+# -- errors: one line, exit 2 (fatal or usage), nothing mounted --------------
 
 
 def test_missing_source(tmp_path: Path) -> None:
     (tmp_path / "v").mkdir()
     proc = run_cli("mount", tmp_path / "nope.img", tmp_path / "v")
-    assert_one_line_error(proc, 1, "nope.img", "no such file")
+    assert_one_line_error(proc, 2, "nope.img", "no such file")
     assert not is_mounted(tmp_path / "v")
 
 
@@ -147,7 +147,7 @@ def test_source_not_ext4(tmp_path: Path) -> None:
     zeros.write_bytes(bytes(4 << 20))
     (tmp_path / "v").mkdir()
     proc = run_cli("mount", zeros, tmp_path / "v")
-    assert_one_line_error(proc, 1, "zeros.img", "not an ext4 filesystem")
+    assert_one_line_error(proc, 2, "zeros.img", "not an ext4 filesystem")
     assert not is_mounted(tmp_path / "v")
 
 
@@ -164,31 +164,31 @@ def test_source_unreadable(image: Path, tmp_path: Path) -> None:
         tmp_path / "v",
         prefix=["setpriv", "--bounding-set", "-dac_override,-dac_read_search"],
     )
-    assert_one_line_error(proc, 1, "private.img", "ermission denied")
+    assert_one_line_error(proc, 2, "private.img", "ermission denied")
     assert not is_mounted(tmp_path / "v")
 
 
 def test_directory_on_a_non_ext4_filesystem(tmp_path: Path) -> None:
     (tmp_path / "v").mkdir()
     proc = run_cli("mount", "/proc/self", tmp_path / "v")
-    assert_one_line_error(proc, 1, "proc", "not ext4")
+    assert_one_line_error(proc, 2, "proc", "not ext4")
 
 
 def test_mountpoint_missing(image: Path, tmp_path: Path) -> None:
     proc = run_cli("mount", image, tmp_path / "absent")
-    assert_one_line_error(proc, 1, "absent", "does not exist")
+    assert_one_line_error(proc, 2, "absent", "does not exist")
 
 
 def test_mountpoint_not_a_directory(image: Path, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     proc = run_cli("mount", image, tmp_path / "file")
-    assert_one_line_error(proc, 1, "file", "not a directory")
+    assert_one_line_error(proc, 2, "file", "not a directory")
 
 
 def test_mountpoint_busy(image: Path, tmp_path: Path) -> None:
     with view_mount(image, tmp_path / "v") as v:
         proc = run_cli("mount", image, v.mountpoint)
-        assert_one_line_error(proc, 1, "busy")
+        assert_one_line_error(proc, 2, "busy")
         assert len(daemon_pids(v.mountpoint)) == 1
 
 
@@ -225,7 +225,7 @@ def test_no_dev_fuse(image: Path, tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert_one_line_error(proc, 1, "/dev/fuse")
+    assert_one_line_error(proc, 2, "/dev/fuse")
     assert not is_mounted(mnt)
 
 

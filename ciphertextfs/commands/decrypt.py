@@ -1,9 +1,4 @@
-"""`ciphertextfs decrypt`: restore the original tree from a backup of the view.
-
-Exit status: 0 everything restored, 1 some entries not restored (each
-reported on stderr), 2 usage or fatal error (nothing restored), 128+N
-stopped by signal N (SIGINT 130, SIGTERM 143) after a summary.
-"""
+"""`ciphertextfs decrypt`: restore the original tree from a backup of the view."""
 
 from __future__ import annotations
 
@@ -12,7 +7,8 @@ import os
 import signal
 import sys
 
-from ciphertextfs.commands import CommandError
+from ciphertextfs.commands import CommandError, exit_status_help
+from ciphertextfs.restore import DEFAULT_BLOCK_SIZE
 
 DESCRIPTION = """\
 Decrypt a backup of the ciphertext view into DEST with the owner's keys.
@@ -57,15 +53,14 @@ default only when running as root into a DEST owned by root (or created
 in a directory owned by root); otherwise they are left out, and the
 summary counts what was left out.  The options below choose explicitly."""
 
-EPILOG = """\
-exit status:
-  0  every entry restored (or, with --verify, restorable)
-  1  some entries not restored; each is reported on stderr
-  2  usage error or fatal error (unreadable SOURCE or key file, unusable DEST,
-     DEST inside SOURCE)
-  130, 143  stopped by SIGINT or SIGTERM: what was restored keeps its metadata,
-     the summary counts it, and the rest of the backup is not restored (a
-     second signal stops at once, leaving directories mode 0700)"""
+EPILOG = exit_status_help(
+    "every entry restored (or, with --verify, restorable)",
+    "some entries not restored; each is reported on stderr",
+    "a fatal error: unreadable SOURCE or key file, unusable DEST, DEST inside SOURCE",
+    signals="stopped by SIGINT or SIGTERM: what was restored keeps its metadata, the "
+    "summary counts it, and the rest of the backup is not restored (a second signal "
+    "stops at once, leaving directories mode 0700)",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -101,10 +96,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--block-size",
         type=int,
-        default=4096,
+        default=DEFAULT_BLOCK_SIZE,
         metavar="N",
-        help="block size of the original filesystem, the data unit size of policies "
-        "without a custom one (default 4096)",
+        help="block size of the original filesystem where the backup does not record it, "
+        "the data unit size of policies without a custom one (default %(default)s)",
     )
     priv = p.add_argument_group("privilege (default: on as root into a root-owned DEST, else off)")
 
@@ -148,36 +143,35 @@ def run(args: argparse.Namespace) -> int:
     from ciphertextfs.commands.keys import has_secrets, keyring_from_args
     from ciphertextfs.restore.backup import BackupError, open_backup
     from ciphertextfs.restore.fscrypt_metadata import WithoutMetadataEntry
-    from ciphertextfs.restore.report import EXIT_FATAL, Report
+    from ciphertextfs.restore.report import Report
     from ciphertextfs.restore.restorer import Restorer
     from ciphertextfs.restore.writer import DestError, DestWriter, Privileges
 
     if args.verify and args.dest is not None:
-        raise CommandError("--verify takes SOURCE only, no DEST", EXIT_FATAL)
+        raise CommandError("--verify takes SOURCE only, no DEST")
     if not args.verify and args.dest is None:
-        raise CommandError("DEST is required (or use --verify)", EXIT_FATAL)
+        raise CommandError("DEST is required (or use --verify)")
     if not args.key and not args.v1_key and not has_secrets(args):
         raise CommandError(
             "give a secret: --passphrase-file, --ask-passphrase, --protector-key, --key or "
             "--v1-key (run 'ciphertextfs keys SOURCE' to see what opens this backup)",
-            EXIT_FATAL,
         )
     bs = args.block_size
     if bs < 1024 or bs > 65536 or bs & (bs - 1):
-        raise CommandError(f"--block-size {bs}: not a power of two from 1024 to 65536", EXIT_FATAL)
+        raise CommandError(f"--block-size {bs}: not a power of two from 1024 to 65536")
     if args.dest is not None and dest_inside(args.source, args.dest):
-        raise CommandError(f"DEST {args.dest} lies inside SOURCE {args.source}", EXIT_FATAL)
+        raise CommandError(f"DEST {args.dest} lies inside SOURCE {args.source}")
     report = Report(stream=sys.stderr, quiet=args.quiet, progress=sys.stderr.isatty())
     keys = keyring_from_args(args, report.note, verbose=not args.quiet)
     if args.source == "-" and sys.stdin.isatty():
-        raise CommandError("refusing to read an archive from a terminal (SOURCE is -)", EXIT_FATAL)
+        raise CommandError("refusing to read an archive from a terminal (SOURCE is -)")
     try:
         meta = getattr(keys.resolver, "meta", None)
         backup = WithoutMetadataEntry(
             open_backup(args.source, stdin=sys.stdin.buffer), report.note, meta
         )
     except BackupError as e:
-        raise CommandError(str(e), EXIT_FATAL) from None
+        raise CommandError(str(e)) from None
     privileges = Privileges(
         owner=args.owner,
         setid=args.setid,
@@ -201,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 return restorer.run(verify=args.verify)
             except (DestError, BackupError) as e:
-                raise CommandError(str(e), EXIT_FATAL) from None
+                raise CommandError(str(e)) from None
     finally:
         for s, h in old.items():
             signal.signal(s, h)

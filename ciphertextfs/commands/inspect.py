@@ -20,13 +20,14 @@ from typing import Any
 
 import xattr
 
-from ciphertextfs.commands import PROG
+from ciphertextfs import EXIT_OK, EXIT_PARTIAL, PROG
+from ciphertextfs.commands import exit_status_help
 
-EPILOG = """\
-exit status:
-  0  every PATH inspected
-  1  some PATH could not be read or decoded (reported on stderr)
-  2  usage error"""
+EPILOG = exit_status_help(
+    "every PATH inspected",
+    "some PATH could not be read or decoded (each reported on stderr)",
+    None,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -216,16 +217,16 @@ def _text(info: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     results = []
-    status = 0
+    status = EXIT_OK
     for path in args.paths:
         try:
             info = inspect_path(path)
         except OSError as e:
             print(f"{PROG}: {path}: {e.strerror}", file=sys.stderr)
-            status = 1
+            status = EXIT_PARTIAL
             continue
         if "problems" in info:
-            status = 1
+            status = EXIT_PARTIAL
         results.append(info)
         if not args.json:
             print(_text(info))

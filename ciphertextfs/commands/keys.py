@@ -3,9 +3,6 @@
 Also home of the secret options `decrypt` shares (passphrases, protector
 keys, fscrypt metadata) and of the one place that turns them into a
 KeyRing.
-
-Exit status: 0 every key needed has a protector in the metadata found,
-1 some key has none, 2 usage or fatal error.
 """
 
 from __future__ import annotations
@@ -14,7 +11,8 @@ import argparse
 import json
 import sys
 
-from ciphertextfs.commands import CommandError
+from ciphertextfs import EXIT_OK, EXIT_PARTIAL
+from ciphertextfs.commands import CommandError, exit_status_help
 
 DESCRIPTION = """\
 List the fscrypt keys a backup of the view needs, and for each the
@@ -26,11 +24,11 @@ SOURCE is a backup directory or tar archive, as for decrypt.  fscrypt
 metadata is looked for at SOURCE's root (.fscrypt/, and the view's
 .ciphertextfs-fscrypt/ entry) and in each --fscrypt-metadata PATH."""
 
-EPILOG = """\
-exit status:
-  0  every key the backup needs has at least one protector in the metadata found
-  1  some key has none (each is reported with the reason)
-  2  usage error or fatal error (unreadable SOURCE)"""
+EPILOG = exit_status_help(
+    "every key the backup needs has at least one protector in the metadata found",
+    "some key has none (each is reported with the reason)",
+    "a fatal error: unreadable SOURCE",
+)
 
 SECRETS_HELP = """\
 fscrypt users hold a passphrase, a login passphrase, a recovery passphrase
@@ -104,7 +102,7 @@ def _terminal_asker():
     try:
         open("/dev/tty").close()
     except OSError:
-        raise CommandError("--ask-passphrase: no terminal to ask on", 2) from None
+        raise CommandError("--ask-passphrase: no terminal to ask on") from None
 
     def ask(prompt: str) -> bytes | None:
         text = getpass.getpass(prompt)
@@ -125,7 +123,7 @@ def keyring_from_args(args: argparse.Namespace, note, *, verbose: bool = True):
     from ciphertextfs.restore.keys import KeyFileError, KeyRing
 
     if args.argon2_max_memory < 1:
-        raise CommandError("--argon2-max-memory: must be at least 1 MiB", 2)
+        raise CommandError("--argon2-max-memory: must be at least 1 MiB")
     try:
         ring = KeyRing.from_args(args.key, args.v1_key)
         if not has_secrets(args):
@@ -133,7 +131,6 @@ def keyring_from_args(args: argparse.Namespace, note, *, verbose: bool = True):
                 raise CommandError(
                     "--fscrypt-metadata and --save-keys need --passphrase-file, "
                     "--ask-passphrase or --protector-key",
-                    2,
                 )
             return ring
         secrets = Secrets(
@@ -144,7 +141,7 @@ def keyring_from_args(args: argparse.Namespace, note, *, verbose: bool = True):
         )
         meta = load_metadata(args.source, args.fscrypt_metadata)
     except KeyFileError as e:
-        raise CommandError(str(e), 2) from None
+        raise CommandError(str(e)) from None
     for problem in meta.problems:
         note(problem)
     if not meta.policies and args.source != "-":
@@ -217,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         backup = open_backup(args.source, stdin=sys.stdin.buffer)
         meta = load_metadata(args.source, args.fscrypt_metadata)
     except (BackupError, KeyFileError) as e:
-        raise CommandError(str(e), 2) from None
+        raise CommandError(str(e)) from None
     with backup:
         needed, bad = needed_keys(backup, meta)
     report = []
@@ -252,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
             indent=2,
         )
         print()
-        return 0 if ok else 1
+        return EXIT_OK if ok else EXIT_PARTIAL
     if not report:
         print("no encrypted entries in the backup: no key needed")
     for item in report:
@@ -275,4 +272,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {problem}")
     if bad:
         print(f"warning: {bad} entries carry an fscrypt context that does not parse")
-    return 0 if ok else 1
+    return EXIT_OK if ok else EXIT_PARTIAL

@@ -15,9 +15,13 @@ import stat
 import sys
 import textwrap
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ciphertextfs.commands import PROG, CommandError, mountlog
+from ciphertextfs import EXIT_FATAL, EXIT_OK, PROG
+from ciphertextfs.commands import CommandError, exit_status_help, mountlog
+
+if TYPE_CHECKING:
+    from ciphertextfs.view.protocol import ViewProtocol
 
 log = logging.getLogger("ciphertextfs")
 
@@ -111,6 +115,13 @@ unmount a summary (entries listed, lookups, bytes read, errors) at info
 level.  Without a syslog daemon (/dev/log) warnings and errors go to the
 kernel log (dmesg).  With -f everything goes to stderr."""
 
+EXIT_STATUS = exit_status_help(
+    "mounted, and answering (with -f: served, then unmounted cleanly)",
+    None,
+    "SOURCE, MOUNTPOINT or FUSE unusable: nothing is mounted (mount -t and fstab "
+    "mounts, through mount.fuse3, exit with the same status)",
+)
+
 EPILOG = """\
 mount options (-o, comma-separated):
 {options}
@@ -123,10 +134,7 @@ fstab and mount -t:
     # /etc/fstab:
     /dev/vg/home-snap  /mnt/view  fuse.ciphertextfs  ro,allow_other,noauto,nofail  0 0
 
-exit status:
-  0  mounted (with -f: served, then unmounted cleanly)
-  1  SOURCE, MOUNTPOINT or FUSE unusable; nothing is mounted
-  2  usage error
+{exit_status}
 
 examples:
   Back up an LVM snapshot of /home:
@@ -157,7 +165,12 @@ def register(subparsers: Any) -> None:
         "mount",
         help="mount the ciphertext view of an ext4 filesystem",
         description=DESCRIPTION.format(burst=mountlog.BURST, interval=mountlog.INTERVAL),
-        epilog=EPILOG.format(options=options, ignored=ignored_options_text(), prog=PROG),
+        epilog=EPILOG.format(
+            options=options,
+            ignored=ignored_options_text(),
+            prog=PROG,
+            exit_status=EXIT_STATUS,
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -200,7 +213,7 @@ def register(subparsers: Any) -> None:
 
 
 def parse_options(values: list[str]) -> set[str]:
-    """The view's own options named in `values`; CommandError (exit 2) for a wrong one."""
+    """The view's own options named in `values`; CommandError (a usage error) for a wrong one."""
     chosen = set()
     for value in values:
         for name in value.split(","):
@@ -208,12 +221,10 @@ def parse_options(values: list[str]) -> set[str]:
             if not name or name in IGNORED_OPTIONS or name.startswith(IGNORED_PREFIXES):
                 continue
             if name == "rw":
-                raise CommandError(
-                    "option 'rw': the view is always read-only (give 'ro')", exit_code=2
-                )
+                raise CommandError("option 'rw': the view is always read-only (give 'ro')")
             if name not in MOUNT_OPTIONS:
                 known = ", ".join(MOUNT_OPTIONS)
-                raise CommandError(f"unknown mount option '{name}' (known: {known})", 2)
+                raise CommandError(f"unknown mount option '{name}' (known: {known})")
             chosen.add(name)
     return chosen
 
@@ -232,7 +243,7 @@ def helper_argv(argv: Sequence[str], commands: Sequence[str]) -> list[str]:
 
 
 def check_mountpoint(path: str) -> None:
-    from ciphertextfs.source import is_mount_point
+    from ciphertextfs.mounts import is_mount_point
 
     try:
         st = os.stat(path)
@@ -313,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: warning: {args.source}: {warning}", file=sys.stderr)
     view = with_fscrypt_metadata(view, fs, source.root_ino, args)
 
-    ops = CiphertextOperations(view, fs.sb, statvfs_path=source.directory)
+    ops = CiphertextOperations(view, statvfs_path=source.directory)
     opts = fuse_options(
         os.path.abspath(args.source), allow_other="allow_other" in options, debug=debug
     )
@@ -338,13 +349,15 @@ def log_summary(ops: Any, mountpoint: str) -> None:
     mountlog.finish(log)
 
 
-def with_fscrypt_metadata(view: Any, fs: Any, root_ino: int, args: argparse.Namespace) -> Any:
+def with_fscrypt_metadata(
+    view: ViewProtocol, fs: Any, root_ino: int, args: argparse.Namespace
+) -> ViewProtocol:
     """The view with its fscrypt metadata entry (docs/FORMAT.md), and what backups would lack."""
     from ciphertextfs.view.metadata_view import MetadataCollision, MetadataView, collect
 
     for path in args.fscrypt_linked:
         if not os.path.isdir(path):
-            raise CommandError(f"--fscrypt-linked {path}: not a directory", 2)
+            raise CommandError(f"--fscrypt-linked {path}: not a directory")
     got = collect(fs, root_ino, args.fscrypt_linked, disabled=args.no_fscrypt_metadata)
     for warning in got.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
@@ -364,7 +377,7 @@ def serve_foreground(ops: Any, mountpoint: str, opts: set[str]) -> int:
     except RuntimeError as e:
         raise CommandError(f"{mountpoint}: cannot mount: {e}") from None
     log_summary(ops, mountpoint)
-    return 0
+    return EXIT_OK
 
 
 def _redirect_stdio(log_file: str | None) -> None:
@@ -403,12 +416,12 @@ def serve_background(ops: Any, mountpoint: str, opts: set[str], log_file: str | 
             ready = True
             _redirect_stdio(log_file)
 
-        code = 0
+        code = EXIT_OK
         try:
             serve(ops, mountpoint, opts, on_ready)
             log_summary(ops, mountpoint)
         except BaseException as e:  # noqa: BLE001 - report whatever ends the child
-            code = 1
+            code = EXIT_FATAL
             if ready:
                 log.error("serving %s failed: %s", mountpoint, e)
             else:
@@ -425,6 +438,6 @@ def serve_background(ops: Any, mountpoint: str, opts: set[str], log_file: str | 
     os.close(rfd)
     reply = b"".join(chunks).decode("utf-8", "replace").strip()
     if reply == "ok":
-        return 0
+        return EXIT_OK
     os.waitpid(pid, 0)
     raise CommandError(reply or f"{mountpoint}: the serving process died before mounting")

@@ -26,7 +26,8 @@ import socket
 import sys
 import time
 
-from ciphertextfs.commands import PROG, CommandError
+from ciphertextfs import PROG
+from ciphertextfs.commands import CommandError
 
 SYSLOG_SOCKET = "/dev/log"
 KMSG = "/dev/kmsg"

@@ -1,9 +1,4 @@
-"""`ciphertextfs restore-image`: rebuild an ext4 filesystem from a backup, without keys.
-
-Exit status: 0 every entry written, 1 some entries not written (each
-reported on stderr; the filesystem is still consistent), 2 usage or fatal
-error.
-"""
+"""`ciphertextfs restore-image`: rebuild an ext4 filesystem from a backup, without keys."""
 
 from __future__ import annotations
 
@@ -12,7 +7,8 @@ import os
 import sys
 import time
 
-from ciphertextfs.commands import CommandError
+from ciphertextfs import EXIT_OK, EXIT_PARTIAL, PROG
+from ciphertextfs.commands import CommandError, exit_status_help
 
 DESCRIPTION = """\
 Write a backup of the ciphertext view, still encrypted, into a new ext4
@@ -42,15 +38,19 @@ so a tar archive must be given as a file, not on standard input.
 Every entry that cannot be written is reported on stderr ("not restored:
 PATH: REASON") and left out; the filesystem stays consistent (e2fsck -fn)."""
 
-EPILOG = """\
-exit status:
-  0  every entry written
-  1  some entries not written; each is reported on stderr
-  2  usage error or fatal error (unreadable SOURCE, unusable TARGET)
+EPILOG = (
+    exit_status_help(
+        "every entry written",
+        "some entries not written; each is reported on stderr, and the filesystem is "
+        "still consistent",
+        "a fatal error: unreadable SOURCE, unusable TARGET",
+    )
+    + """
 
 example (the admin, after replacing the disk):
   ciphertextfs restore-image /backup/home.tar /dev/sdb1 --force
   mount /dev/sdb1 /home        # each owner: fscrypt unlock /home/$USER"""
+)
 
 
 def _size(text: str) -> int:
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from ciphertextfs.mkimage.plan import Planner
     from ciphertextfs.mkimage.writer import ImageWriter, MkfsOptions, TargetError, make_filesystem
     from ciphertextfs.restore.backup import BackupError, open_backup
-    from ciphertextfs.restore.report import EXIT_FATAL, EXIT_INCOMPLETE, EXIT_OK, PROG, Report
+    from ciphertextfs.restore.report import Report
 
     report = Report(stream=sys.stderr, quiet=args.quiet, progress=sys.stderr.isatty())
     start = time.monotonic()
@@ -125,12 +125,11 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(
             "restore-image reads the backup twice (once to size the filesystem): "
             "give the archive as a file, not on standard input",
-            EXIT_FATAL,
         )
     try:
         backup = open_backup(args.source)
     except BackupError as e:
-        raise CommandError(str(e), EXIT_FATAL) from None
+        raise CommandError(str(e)) from None
     existed = os.path.lexists(args.target)
     with backup:
         plan = Planner(backup, report).run()
@@ -141,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             if not existed and os.path.isfile(args.target):
                 os.unlink(args.target)
             msg = str(e) if isinstance(e, TargetError) else f"{args.target}: {e}"
-            raise CommandError(msg, EXIT_FATAL) from None
+            raise CommandError(msg) from None
     report._clear()
     if not args.quiet:
         from ciphertextfs.restore.report import _human
@@ -153,4 +152,4 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    return EXIT_INCOMPLETE if report.failed else EXIT_OK
+    return EXIT_PARTIAL if report.failed else EXIT_OK

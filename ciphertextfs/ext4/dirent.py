@@ -20,7 +20,6 @@ EXT4_NAME_LEN = 255
 DIRENT_HEADER = 8
 DIR_TAIL_SIZE = 12
 EXT4_DIR_FT_DIR_CSUM = 0xDE
-DX_ROOT_COUNT_OFFSET = 0x20  # fake "." + fake ".." + dx_root_info
 DX_NODE_COUNT_OFFSET = 0x8  # one fake empty dirent
 DX_TAIL_SIZE = 8
 
@@ -167,13 +166,18 @@ def dx_checksum_ok(block: bytes, count_offset: int, seed: int) -> bool | None:
     return crc == stored
 
 
+DX_ROOT_INFO_OFFSET = 0x18  # after the fake "." and ".." entries
+DX_ROOT_INFO = struct.Struct("<IBBBB")  # reserved_zero, hash_version, info_length, levels, flags
+_DX_ROOT_HASH_VERSION = DX_ROOT_INFO_OFFSET + 4
+_DX_ROOT_INFO_LENGTH = DX_ROOT_INFO_OFFSET + 5
+DX_ROOT_COUNT_OFFSET = DX_ROOT_INFO_OFFSET + DX_ROOT_INFO.size  # as written with info_length 8
+
+
 def dx_root_count_offset(block: bytes) -> int:
     """Where dx_countlimit starts in a dx root: after dx_root_info (info_length)."""
-    info_length = block[0x1D] if len(block) > 0x1D else 8
-    return 0x18 + info_length
-
-
-DX_ROOT_INFO_OFFSET = 0x18  # after the fake "." and ".." entries
+    if len(block) <= _DX_ROOT_INFO_LENGTH:
+        return DX_ROOT_COUNT_OFFSET
+    return DX_ROOT_INFO_OFFSET + block[_DX_ROOT_INFO_LENGTH]
 
 
 def dx_root_hash_version(block: bytes) -> int:
@@ -183,14 +187,12 @@ def dx_root_hash_version(block: bytes) -> int:
     version, not the superblock default, so a view that reproduces its
     readdir hashes must use it too.
     """
-    if len(block) <= DX_ROOT_INFO_OFFSET + 4:
+    if len(block) <= _DX_ROOT_HASH_VERSION:
         raise CorruptError("dx_root too short")
-    return block[DX_ROOT_INFO_OFFSET + 4]
+    return block[_DX_ROOT_HASH_VERSION]
 
 
 # -- encoding (the image writer) ----------------------------------------------
-
-DX_ROOT_INFO = struct.Struct("<IBBBB")  # reserved_zero, hash_version, info_length, levels, flags
 
 
 def encode_entry(inode: int, name: bytes, file_type: int, rec_len: int) -> bytes:
@@ -279,7 +281,7 @@ def encode_dx_entries(limit: int, entries: list[tuple[int, int]]) -> bytes:
 
 
 def dx_limit(block_size: int, count_offset: int, csum: bool) -> int:
-    """dx_countlimit.limit of a root (count_offset 0x20) or node (0x8)."""
+    """dx_countlimit.limit of a root (DX_ROOT_COUNT_OFFSET) or node (DX_NODE_COUNT_OFFSET)."""
     return (block_size - count_offset - (DX_TAIL_SIZE if csum else 0)) // 8
 
 
@@ -293,27 +295,30 @@ def encode_dx_root(
     seed: int | None,
 ) -> bytes:
     """Block 0 of an indexed directory: "." and "..", dx_root_info, the dx entries."""
-    limit = dx_limit(block_size, DX_ROOT_COUNT_OFFSET, seed is not None)
     buf = bytearray(block_size)
     buf[:DX_ROOT_INFO_OFFSET] = encode_dots(ino, parent, block_size - 12)[:DX_ROOT_INFO_OFFSET]
-    DX_ROOT_INFO.pack_into(buf, DX_ROOT_INFO_OFFSET, 0, hash_version, 8, indirect_levels, 0)
-    body = encode_dx_entries(limit, entries)
-    buf[DX_ROOT_COUNT_OFFSET : DX_ROOT_COUNT_OFFSET + len(body)] = body
-    if seed is not None:
-        tail = DX_ROOT_COUNT_OFFSET + 8 * limit
-        buf[tail : tail + DX_TAIL_SIZE] = dx_tail(bytes(buf), DX_ROOT_COUNT_OFFSET, seed)
-    return bytes(buf)
+    DX_ROOT_INFO.pack_into(
+        buf, DX_ROOT_INFO_OFFSET, 0, hash_version, DX_ROOT_INFO.size, indirect_levels, 0
+    )
+    return _with_dx_entries(buf, DX_ROOT_COUNT_OFFSET, entries, seed)
 
 
 def encode_dx_node(entries: list[tuple[int, int]], block_size: int, seed: int | None) -> bytes:
     """An interior htree block: one empty fake entry over the block, then dx entries."""
-    limit = dx_limit(block_size, DX_NODE_COUNT_OFFSET, seed is not None)
     buf = bytearray(block_size)
     raw_len = block_size if block_size < 65536 else 65535
     _DIRENT.pack_into(buf, 0, 0, raw_len, 0, 0)
+    return _with_dx_entries(buf, DX_NODE_COUNT_OFFSET, entries, seed)
+
+
+def _with_dx_entries(
+    buf: bytearray, count_offset: int, entries: list[tuple[int, int]], seed: int | None
+) -> bytes:
+    """A dx block's entries from `count_offset`, and its dx_tail past `limit` of them."""
+    limit = dx_limit(len(buf), count_offset, seed is not None)
     body = encode_dx_entries(limit, entries)
-    buf[DX_NODE_COUNT_OFFSET : DX_NODE_COUNT_OFFSET + len(body)] = body
+    buf[count_offset : count_offset + len(body)] = body
     if seed is not None:
-        tail = DX_NODE_COUNT_OFFSET + 8 * limit
-        buf[tail : tail + DX_TAIL_SIZE] = dx_tail(bytes(buf), DX_NODE_COUNT_OFFSET, seed)
+        tail = count_offset + 8 * limit
+        buf[tail : tail + DX_TAIL_SIZE] = dx_tail(bytes(buf), count_offset, seed)
     return bytes(buf)

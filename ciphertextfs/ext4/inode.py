@@ -48,6 +48,7 @@ EXT4_NSEC_SHIFT = 2
 
 # Reserved inode numbers.
 EXT4_ROOT_INO = 2
+EXT4_GOOD_OLD_FIRST_INO = 11  # the first unreserved inode: lost+found, as mke2fs makes it
 
 # Offsets of the fields after the 128-byte base inode.
 _OFF_EXTRA_ISIZE = 0x80

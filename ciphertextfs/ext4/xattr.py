@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ciphertextfs.posix_acl import XATTR_NAME_POSIX_ACL_ACCESS, XATTR_NAME_POSIX_ACL_DEFAULT
+
 from .crc import crc32c
 from .errors import CorruptError
 
@@ -23,7 +25,24 @@ EXT4_XATTR_INDEX_SYSTEM = 7
 EXT4_XATTR_INDEX_RICHACL = 8
 EXT4_XATTR_INDEX_ENCRYPTION = 9
 EXT4_XATTR_NAME_ENCRYPTION_CONTEXT = b"c"  # the fscrypt context lives at (9, "c")
+EXT4_XATTR_NAME_MAX = 255  # e_name_len is one byte
 EXT4_XATTR_SIZE_MAX = 1 << 24
+
+EXT4_XATTR_PREFIXES = {
+    EXT4_XATTR_INDEX_USER: b"user.",
+    EXT4_XATTR_INDEX_TRUSTED: b"trusted.",
+    EXT4_XATTR_INDEX_SECURITY: b"security.",
+}
+"""The indexes whose entries are named attributes, as the kernel's handler map
+names them: prefix + e_name.  Index 7 holds system.data (inline data) and 9
+the fscrypt context: neither is an attribute anyone sees."""
+
+EXT4_XATTR_ACL_NAMES = {
+    EXT4_XATTR_INDEX_POSIX_ACL_ACCESS: XATTR_NAME_POSIX_ACL_ACCESS,
+    EXT4_XATTR_INDEX_POSIX_ACL_DEFAULT: XATTR_NAME_POSIX_ACL_DEFAULT,
+}
+"""The POSIX ACL indexes: one entry each, with an empty e_name and the value
+in ext4's own ACL format."""
 XATTR_HEADER_SIZE = 32
 ENTRY_HEADER = 16
 
@@ -115,6 +134,11 @@ def block_entries(block: bytes, what: str, ea_inode: bool) -> list[RawEntry]:
     if h_blocks != 1:
         raise CorruptError(f"{what}: xattr block h_blocks {h_blocks}")
     return parse_entries(block, XATTR_HEADER_SIZE, 0, what, ea_inode)
+
+
+def encryption_context_xattr(context: bytes) -> Xattr:
+    """The entry that holds an inode's raw fscrypt context."""
+    return Xattr(EXT4_XATTR_INDEX_ENCRYPTION, EXT4_XATTR_NAME_ENCRYPTION_CONTEXT, context)
 
 
 def block_checksum_ok(block: bytes, blocknr: int, seed: int) -> bool:

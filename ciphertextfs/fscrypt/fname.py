@@ -15,7 +15,7 @@ from .keysetup import FileKey
 from .policy import FSCRYPT_FNAME_MIN_MSG_LEN, mode_info, round_up
 
 __all__ = [
-    "EXT4_NAME_LEN",
+    "NAME_MAX",
     "encrypted_name_size",
     "encrypt_filename",
     "decrypt_filename",
@@ -25,11 +25,12 @@ __all__ = [
     "parse_symlink_body",
 ]
 
-EXT4_NAME_LEN = 255
+NAME_MAX = 255
+"""The VFS name limit, which fscrypt_setup_filename() encrypts names against."""
 FSCRYPT_SYMLINK_LEN_SIZE = 2  # struct fscrypt_symlink_data: __le16 len
 
 
-def encrypted_name_size(padding: int, orig_len: int, max_len: int = EXT4_NAME_LEN) -> int:
+def encrypted_name_size(padding: int, orig_len: int, max_len: int = NAME_MAX) -> int:
     """__fscrypt_fname_encrypted_size(): ciphertext length of a name of orig_len bytes."""
     if orig_len > max_len:
         raise FscryptError(f"name of {orig_len} bytes exceeds {max_len}")
@@ -45,7 +46,7 @@ def _crypt(key: FileKey, data: bytes, encrypt: bool) -> bytes:
     return info.filenames(key.key, generate_iv(key, 0), data, encrypt)
 
 
-def encrypt_filename(dirkey: FileKey, plaintext: bytes, max_len: int = EXT4_NAME_LEN) -> bytes:
+def encrypt_filename(dirkey: FileKey, plaintext: bytes, max_len: int = NAME_MAX) -> bytes:
     """fscrypt_fname_encrypt() with the directory's filenames key."""
     if not plaintext or b"\0" in plaintext:
         raise FscryptError("a name is non-empty and has no NUL byte")
@@ -72,7 +73,7 @@ def decrypt_filename(dirkey: FileKey, ciphertext: bytes) -> bytes:
     return name
 
 
-def encrypt_symlink(key: FileKey, target: bytes, max_len: int = 4096) -> bytes:
+def encrypt_symlink(key: FileKey, target: bytes, max_len: int) -> bytes:
     """Ciphertext of a symlink target (without the 2-byte length).
 
     `max_len` is the filesystem's symlink limit, the block size on ext4;

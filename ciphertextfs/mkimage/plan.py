@@ -13,26 +13,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from ciphertextfs.ext4.acl import posix_acl_to_ext4
 from ciphertextfs.ext4.dirent import EXT4_NAME_LEN
 from ciphertextfs.ext4.errors import CorruptError
+from ciphertextfs.ext4.inode import EXT4_GOOD_OLD_FIRST_INO, EXT4_ROOT_INO
 from ciphertextfs.ext4.xattr import (
-    EXT4_XATTR_INDEX_ENCRYPTION,
-    EXT4_XATTR_INDEX_POSIX_ACL_ACCESS,
-    EXT4_XATTR_INDEX_POSIX_ACL_DEFAULT,
-    EXT4_XATTR_INDEX_SECURITY,
-    EXT4_XATTR_INDEX_TRUSTED,
-    EXT4_XATTR_INDEX_USER,
+    EXT4_XATTR_ACL_NAMES,
+    EXT4_XATTR_NAME_MAX,
+    EXT4_XATTR_PREFIXES,
     Xattr,
+    encryption_context_xattr,
 )
 from ciphertextfs.fscrypt.errors import FscryptError
 from ciphertextfs.fscrypt.policy import FscryptContext
 from ciphertextfs.restore.backup import Backup, Entry, Kind, Path_, TreeProblem
 from ciphertextfs.restore.plan import RestoreProblem, ciphertext_name
 from ciphertextfs.restore.report import Report
-from ciphertextfs.view.xattrs import posix_acl_to_ext4
 from ciphertextfs.viewformat import (
     SIDE_FILE_HEADER,
     SIDE_FILE_NAME,
+    XATTR_FSCRYPT_CONTEXT,
     FormatError,
     SideFile,
     decode_side_file,
@@ -42,9 +42,8 @@ from ciphertextfs.viewformat import (
     original_xattrs,
 )
 
-EXT4_ROOT_INO = 2
-LOST_AND_FOUND_INO = 11
-FIRST_INO = 12
+LOST_AND_FOUND_INO = EXT4_GOOD_OLD_FIRST_INO
+FIRST_INO = LOST_AND_FOUND_INO + 1
 LOST_AND_FOUND = b"lost+found"
 
 MAX_FILE_SIZE = 1 << 44
@@ -53,15 +52,7 @@ MAX_FILE_SIZE = 1 << 44
 MAX_CIPHERTEXT_SLACK = 65536
 """A view file is the real size rounded up to at most one data unit."""
 
-_XATTR_PREFIXES = (
-    (b"user.", EXT4_XATTR_INDEX_USER),
-    (b"trusted.", EXT4_XATTR_INDEX_TRUSTED),
-    (b"security.", EXT4_XATTR_INDEX_SECURITY),
-)
-_ACL_INDEX = {
-    b"system.posix_acl_access": EXT4_XATTR_INDEX_POSIX_ACL_ACCESS,
-    b"system.posix_acl_default": EXT4_XATTR_INDEX_POSIX_ACL_DEFAULT,
-}
+_ACL_INDEX = {name: index for index, name in EXT4_XATTR_ACL_NAMES.items()}
 
 
 @dataclass(eq=False)
@@ -119,11 +110,11 @@ def disk_xattrs(xattrs: dict[bytes, bytes]) -> list[Xattr]:
             except CorruptError as e:
                 raise RestoreProblem(f"xattr {name.decode(errors='replace')}: {e}") from None
             continue
-        for prefix, index in _XATTR_PREFIXES:
+        for index, prefix in EXT4_XATTR_PREFIXES.items():
             if name.startswith(prefix) and len(name) > len(prefix):
                 suffix = name[len(prefix) :]
-                if len(suffix) > 255:
-                    raise RestoreProblem("xattr name longer than 255 bytes")
+                if len(suffix) > EXT4_XATTR_NAME_MAX:
+                    raise RestoreProblem(f"xattr name longer than {EXT4_XATTR_NAME_MAX} bytes")
                 out.append(Xattr(index, suffix, value))
                 break
         else:
@@ -256,7 +247,7 @@ class Planner:
                 assert parent is not None
                 link = decode_symlink(target, self._side(parent))
                 node.context = link.context
-                node.xattrs.append(Xattr(EXT4_XATTR_INDEX_ENCRYPTION, b"c", link.context_raw))
+                node.xattrs.append(encryption_context_xattr(link.context_raw))
                 node.body = struct.pack("<H", len(link.ciphertext)) + link.ciphertext
                 ino, uuid = link.ino, link.fs_uuid
             else:
@@ -270,8 +261,8 @@ class Planner:
                 if e.kind not in (Kind.REG, Kind.DIR):
                     raise RestoreProblem(f"a {e.kind.value} cannot be encrypted")
                 node.context = attrs.context
-                raw = e.xattrs[b"user.fscrypt.context"]
-                node.xattrs.insert(0, Xattr(EXT4_XATTR_INDEX_ENCRYPTION, b"c", raw))
+                raw = e.xattrs[XATTR_FSCRYPT_CONTEXT]
+                node.xattrs.insert(0, encryption_context_xattr(raw))
             elif in_encrypted and e.kind in (Kind.REG, Kind.DIR):
                 raise RestoreProblem(
                     "no user.fscrypt.context inside an encrypted directory: its xattrs "

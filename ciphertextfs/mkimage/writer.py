@@ -72,6 +72,8 @@ from ciphertextfs.ext4.xattr import (
     encode_block,
     encode_ibody,
 )
+from ciphertextfs.mounts import loop_devices_of, read_mountinfo
+from ciphertextfs.restore import DEFAULT_BLOCK_SIZE
 from ciphertextfs.restore.backup import Backup, Entry, Kind
 from ciphertextfs.restore.plan import RestoreProblem
 from ciphertextfs.restore.report import Report
@@ -79,7 +81,6 @@ from ciphertextfs.restore.report import Report
 from .libext2fs import Ext2Error, Ext2Fs
 from .plan import FIRST_INO, Node, Plan
 
-DEFAULT_BLOCK_SIZE = 4096
 INODE_SIZE = 256
 READ_CHUNK = 1 << 20
 EXT4_LINK_MAX = 65000
@@ -156,31 +157,6 @@ def image_size(plan: Plan) -> int:
 # -- the target ----------------------------------------------------------------
 
 
-def _mounted_devices() -> set[int]:
-    out = set()
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            major, _, minor = line.split()[2].partition(":")
-            out.add(os.makedev(int(major), int(minor)))
-    return out
-
-
-def _loop_backing(path: str) -> str | None:
-    real = os.path.realpath(path)
-    try:
-        loops = os.listdir("/sys/block")
-    except OSError:
-        return None
-    for name in loops:
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                if os.path.realpath(f.read().strip()) == real:
-                    return f"/dev/{name}"
-        except OSError:
-            continue
-    return None
-
-
 def prepare_target(target: str, size: int, opts: MkfsOptions) -> bool:
     """Create a sparse image, or check that an existing one may be overwritten.
 
@@ -204,7 +180,7 @@ def prepare_target(target: str, size: int, opts: MkfsOptions) -> bool:
     if not opts.force:
         raise TargetError(f"{target} exists; use --force to overwrite it")
     if stat.S_ISBLK(st.st_mode):
-        if st.st_rdev in _mounted_devices():
+        if (os.major(st.st_rdev), os.minor(st.st_rdev)) in {m.dev for m in read_mountinfo()}:
             raise TargetError(f"{target} is mounted")
         try:
             fd = os.open(target, os.O_RDONLY | os.O_EXCL)
@@ -219,9 +195,9 @@ def prepare_target(target: str, size: int, opts: MkfsOptions) -> bool:
         return True
     if not stat.S_ISREG(st.st_mode):
         raise TargetError(f"{target}: not a regular file or block device")
-    loop = _loop_backing(target)
-    if loop is not None:
-        raise TargetError(f"{target} is in use by {loop}")
+    loops = loop_devices_of(target)
+    if loops:
+        raise TargetError(f"{target} is in use by /dev/{loops[0].name}")
     new_size = opts.size if opts.size is not None else max(st.st_size, size)
     os.truncate(target, 0)
     os.truncate(target, new_size)

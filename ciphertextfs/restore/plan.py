@@ -10,6 +10,7 @@ reason a user reads.
 from __future__ import annotations
 
 from ciphertextfs.fscrypt.errors import FscryptError
+from ciphertextfs.fscrypt.fname import NAME_MAX
 from ciphertextfs.fscrypt.nokey import NokeyName, parse_nokey_name
 from ciphertextfs.viewformat import SIDE_FILE_NAME, SideFile
 
@@ -62,7 +63,7 @@ def looks_nokey(name: bytes) -> bool:
 
 def check_plain_name(name: bytes) -> bytes:
     """Refuse decrypted names no directory can hold (a tampered name or a wrong v1 key)."""
-    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name or len(name) > 255:
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name or len(name) > NAME_MAX:
         raise RestoreProblem(
             f"name decrypts to the impossible name {name[:64]!r} (tampered name or wrong key)"
         )

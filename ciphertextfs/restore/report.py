@@ -14,14 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from ciphertextfs import EXIT_OK, EXIT_PARTIAL, EXIT_SIGNAL_BASE, PROG
+
 from .backup import Path_, show_path
 
-__all__ = ["Report", "PROG", "EXIT_OK", "EXIT_INCOMPLETE", "EXIT_FATAL"]
-
-PROG = "ciphertextfs"
-EXIT_OK = 0
-EXIT_INCOMPLETE = 1
-EXIT_FATAL = 2
+__all__ = ["Report"]
 
 
 @dataclass
@@ -164,8 +161,8 @@ class Report:
                 flush=True,
             )
         if self.signum is not None:
-            return 128 + self.signum
-        return EXIT_INCOMPLETE if self.failed or self.damaged else EXIT_OK
+            return EXIT_SIGNAL_BASE + self.signum
+        return EXIT_PARTIAL if self.failed or self.damaged else EXIT_OK
 
 
 def _human(n: int) -> str:

@@ -28,6 +28,7 @@ from ciphertextfs.fscrypt.errors import FscryptError, KeyMissingError
 from ciphertextfs.fscrypt.fname import decrypt_filename, decrypt_symlink, encrypt_filename
 from ciphertextfs.fscrypt.keysetup import FileKey, derive_file_key
 from ciphertextfs.fscrypt.policy import FscryptContext
+from ciphertextfs.restore import DEFAULT_BLOCK_SIZE
 from ciphertextfs.viewformat import (
     SIDE_FILE_HEADER,
     SIDE_FILE_MAX,
@@ -51,11 +52,13 @@ from .report import Report
 from .tarstream import read_up_to
 from .writer import DestWriter, Where
 
-__all__ = ["Restorer", "Interrupted", "DEFAULT_BLOCK_SIZE", "CHUNK"]
+__all__ = ["Restorer", "Interrupted", "CHUNK"]
 
-DEFAULT_BLOCK_SIZE = 4096
 CHUNK = 4 * 1024 * 1024  # bytes read and decrypted at a time: many data units
 _ZERO = bytes(65536)
+COPY_HOLE_UNIT = 4096
+"""All-zero runs of an unencrypted file this long become holes: a common block
+size of DEST (shorter runs could not be holes there anyway)."""
 
 _SIDE_WITHOUT_CONTEXT = (
     "a side file with long names, but its directory has no user.fscrypt.context: "
@@ -407,9 +410,8 @@ class Restorer:
         if e.kind is Kind.REG and e.open is None:
             target = show_path(e.link_key[1]) if isinstance(e.link_key, tuple) else "?"
             raise RestoreProblem(f"hard link to {target}, which was not restored")
-        nbytes = 0
         if e.kind is Kind.REG:
-            nbytes = self._regular(e, dest)
+            self._regular(e, dest)
         elif e.kind is Kind.SYMLINK:
             self.writer.symlink(self._symlink_target(e), dest)
         elif not self.writer.special(e, dest):
@@ -418,10 +420,9 @@ class Restorer:
         if e.link_key is not None:
             self._links[e.link_key] = dest
         if failures:
-            self.report.add_bytes(nbytes)
             self.report.problem(e.path, "restored without its " + "; ".join(failures))
             return
-        self.report.done(nbytes)
+        self.report.done()
 
     def _symlink_target(self, e: Entry) -> bytes:
         assert e.target is not None
@@ -447,13 +448,15 @@ class Restorer:
             raise RestoreProblem("symlink target decrypts to an impossible target")
         return target
 
-    def _regular(self, e: Entry, dest: Where) -> int:
+    def _regular(self, e: Entry, dest: Where) -> None:
+        """Write a regular file's contents; its bytes are counted as they are written."""
         attrs = decode_xattrs(e.xattrs, regular=True)
         if attrs.context is None:
-            return self._copy(e, dest)
-        return self._decrypt(e, dest, attrs)
+            self._copy(e, dest)
+        else:
+            self._decrypt(e, dest, attrs)
 
-    def _copy(self, e: Entry, dest: Where) -> int:
+    def _copy(self, e: Entry, dest: Where) -> None:
         """An unencrypted file: copied, with all-zero blocks left as holes."""
         assert e.open is not None
         fd = self.writer.create(dest)
@@ -466,13 +469,12 @@ class Restorer:
                     chunk = src.read(CHUNK)
                     if not chunk:
                         break
-                    self._write_sparse(fd, offset, chunk, 4096)
+                    self._write_sparse(fd, offset, chunk, COPY_HOLE_UNIT)
                     offset += len(chunk)
                     self.report.add_bytes(len(chunk))
             ok = True
         finally:
             self.writer.close(fd, offset if ok else 0, ok=ok, path=dest)
-        return 0
 
     def _write_sparse(self, fd: int | None, offset: int, data: bytes, unit: int) -> None:
         mv = memoryview(data)
@@ -489,7 +491,7 @@ class Restorer:
         if start is not None:
             self.writer.write_at(fd, offset + start, mv[start:])
 
-    def _decrypt(self, e: Entry, dest: Where, attrs: FscryptAttrs) -> int:
+    def _decrypt(self, e: Entry, dest: Where, attrs: FscryptAttrs) -> None:
         """Stream the ciphertext through the file key; all-zero units stay holes."""
         assert e.open is not None and attrs.size is not None and attrs.context is not None
         ctx = attrs.context
@@ -528,7 +530,6 @@ class Restorer:
             ok = True
         finally:
             self.writer.close(fd, size, ok=ok, path=dest)
-        return 0
 
     def _decrypt_chunk(
         self,

@@ -316,8 +316,8 @@ def _url_decode(raw: bytes) -> bytes:
 
 
 _SCHILY_ACLS = (
-    (b"SCHILY.acl.access", b"system.posix_acl_access"),
-    (b"SCHILY.acl.default", b"system.posix_acl_default"),
+    (b"SCHILY.acl.access", posix_acl.XATTR_NAME_POSIX_ACL_ACCESS),
+    (b"SCHILY.acl.default", posix_acl.XATTR_NAME_POSIX_ACL_DEFAULT),
 )
 
 
@@ -350,7 +350,7 @@ def pax_xattrs(pax: dict[bytes, bytes]) -> dict[bytes, bytes]:
                 raise HeaderError(f"{key.decode()}: {e}") from None
             # A minimal access ACL is only the mode bits: GNU tar writes one for
             # every file with a default ACL, where the file itself has none.
-            if not (name == b"system.posix_acl_access" and posix_acl.is_minimal(value)):
+            if not (name == posix_acl.XATTR_NAME_POSIX_ACL_ACCESS and posix_acl.is_minimal(value)):
                 out[name] = value
     for name in out:
         if not name or b"\0" in name:

@@ -31,8 +31,9 @@ from ciphertextfs.fscrypt.protector import (
     parse_policy,
     parse_protector,
 )
-from ciphertextfs.view.model import Attr, View, ViewNoAttr, ViewNotFound
+from ciphertextfs.view.model import Attr, ViewNoAttr, ViewNotFound
 from ciphertextfs.view.names import Entry
+from ciphertextfs.view.protocol import StatfsFigures, ViewProtocol
 from ciphertextfs.viewformat import (
     FSCRYPT_DIR_NAME,
     META_DIR_NAME,
@@ -236,9 +237,9 @@ def collect(
 
 
 class MetadataView:
-    """A View with the metadata entry added at its root; everything else passes through."""
+    """A view with the metadata entry added at its root; every other inode is the inner view's."""
 
-    def __init__(self, inner: View, entry: MetaNode) -> None:
+    def __init__(self, inner: ViewProtocol, entry: MetaNode) -> None:
         self._inner = inner
         self._entry = entry
         try:
@@ -265,8 +266,28 @@ class MetadataView:
             )
         return ino
 
-    def __getattr__(self, name: str):
-        return getattr(self._inner, name)
+    # -- the view members that no metadata inode changes ---------------------
+    #
+    # Delegated one by one, never through __getattr__: a member added to
+    # ViewProtocol must be answered here too, or the metadata inodes would
+    # silently reach the inner view, which does not know them.
+
+    @property
+    def root_ino(self) -> int:
+        return self._inner.root_ino
+
+    @property
+    def cache_timeout(self) -> float:
+        return self._inner.cache_timeout
+
+    @property
+    def live(self) -> bool:
+        return self._inner.live
+
+    def statfs(self) -> StatfsFigures:
+        return self._inner.statfs()
+
+    # -- the members that answer the metadata inodes ---------------------------
 
     def _meta(self, ino: int) -> MetaNode | None:
         return self._nodes.get(ino) if ino >= META_INO_BASE else None

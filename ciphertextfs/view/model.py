@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ciphertextfs.ext4.dirent import EXT4_NAME_LEN
 from ciphertextfs.ext4.errors import CorruptError
 from ciphertextfs.ext4.fs import Filesystem
-from ciphertextfs.ext4.inode import Inode
+from ciphertextfs.ext4.inode import EXT4_ROOT_INO, Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
+from ciphertextfs.ext4.xattr import EXT4_XATTR_INDEX_ENCRYPTION
 from ciphertextfs.fscrypt.policy import (
     FSCRYPT_FILE_NONCE_SIZE,
     FscryptContext,
@@ -28,6 +30,7 @@ from ciphertextfs.fscrypt.policy import (
     parse_context,
 )
 from ciphertextfs.lru import LRU
+from ciphertextfs.posix_acl import XATTR_NAME_POSIX_ACL_ACCESS as ACL_ACCESS
 from ciphertextfs.view.names import (
     Entry,
     Listing,
@@ -35,17 +38,11 @@ from ciphertextfs.view.names import (
     list_directory,
     side_file_ino,
 )
+from ciphertextfs.view.protocol import StatfsFigures
 from ciphertextfs.view.readahead import ReadAhead, is_small
 from ciphertextfs.view.symlinks import view_target
-from ciphertextfs.view.xattrs import (
-    EXT4_XATTR_INDEX_ENCRYPTION,
-    acl_read_only,
-    fscrypt_context_raw,
-    passthrough_xattrs,
-)
+from ciphertextfs.view.xattrs import acl_read_only, fscrypt_context_raw, passthrough_xattrs
 from ciphertextfs.viewformat import SIDE_FILE_NAME, encode_dir_xattrs, encode_inode_xattrs
-
-ACL_ACCESS = b"system.posix_acl_access"
 
 __all__ = [
     "Attr",
@@ -87,9 +84,9 @@ class DirectoryDamaged(OSError):
         super().__init__(errno.EIO, what)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Attr:
-    """What stat shows of one view inode (built once per inode; never mutated)."""
+    """What stat shows of one view inode: never assigned to, but not frozen (see Inode)."""
 
     st_ino: int
     st_mode: int
@@ -111,7 +108,7 @@ class View:
     def __init__(
         self,
         fs: Filesystem,
-        root_ino: int = 2,
+        root_ino: int = EXT4_ROOT_INO,
         *,
         live: bool = False,
         sync: Callable[[], None] | None = None,
@@ -395,3 +392,17 @@ class View:
         if not is_small(attr):
             return None
         return self._ahead.contents(ino, attr)
+
+    def statfs(self) -> StatfsFigures:
+        """The figures the kernel's ext4_statfs() reports, from the superblock read at open."""
+        sb = self.fs.sb
+        blocks, free, reserved = sb.statfs_counts()
+        return StatfsFigures(
+            block_size=self.fs.block_size,
+            blocks=blocks,
+            free_blocks=free,
+            available_blocks=max(0, free - reserved),
+            files=sb.s_inodes_count,
+            free_files=min(sb.s_free_inodes_count, sb.s_inodes_count),
+            name_max=EXT4_NAME_LEN,
+        )

@@ -8,8 +8,8 @@ zeros when it reads the directory linearly, otherwise the ext4 hash of the
 ciphertext name (or the hash stored beside the name in encrypted+casefolded
 directories).
 
-No-key names of ciphertext names longer than 149 bytes keep only a SHA-256
-of the tail, so the full names of such entries go into one side file per
+No-key names of long ciphertext names (`fscrypt.nokey.is_long`) keep only a
+SHA-256 of the tail, so the full names of such entries go into one side file per
 directory (see docs/FORMAT.md), together with the targets of encrypted
 symlinks too long for a view target.  The side file is the first entry of
 the listing, so that tar, bsdtar and cp write it before the entries that
@@ -28,7 +28,7 @@ from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
 from ciphertextfs.fscrypt.errors import FscryptError
-from ciphertextfs.fscrypt.nokey import nokey_name
+from ciphertextfs.fscrypt.nokey import is_long, nokey_name
 from ciphertextfs.view.symlinks import view_target
 from ciphertextfs.viewformat import SIDE_FILE_NAME, encode_side_file
 
@@ -37,9 +37,6 @@ log = logging.getLogger("ciphertextfs")
 SIDE_INO_BASE = 1 << 32
 """Side file of directory d has inode number SIDE_INO_BASE + d: above every
 32-bit ext4 inode number, and the same on every mount (incremental backups)."""
-
-FSCRYPT_NOKEY_PREFIX_LEN = 149
-"""Ciphertext names longer than this get a lossy no-key name."""
 
 
 class Entry(NamedTuple):
@@ -88,7 +85,7 @@ def list_directory(fs: Filesystem, dir_inode: Inode, dir_ino: int) -> Listing:
         readdir_hash = fs.readdir_hash(dir_inode)
         for de in raw:
             name = nokey_name(de.name, *readdir_hash(de)).encode("ascii")
-            if len(de.name) > FSCRYPT_NOKEY_PREFIX_LEN:
+            if is_long(len(de.name)):
                 long_names.append((name, de.name))
             _add(entries, by_name, name, de.inode, dir_ino)
     else:
