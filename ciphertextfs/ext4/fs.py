@@ -274,7 +274,8 @@ class Filesystem:
     def inodes(self, inos: Sequence[int]) -> list[Inode | None]:
         """Several inodes at once, each inode table block looked up once for all of them.
 
-        None where an inode cannot be read: its own `inode` call says why.
+        None where an inode cannot be read (damaged, or an I/O error): its
+        own `inode` call says why.
         Consecutive numbers share table blocks, so a caller sorts them.
         """
         out: list[Inode | None] = []
@@ -289,7 +290,7 @@ class Filesystem:
                     if blk != block_nr:
                         block, block_nr = self.read_block(blk), blk
                     inode = self._parse_inode(ino, block, off)
-                except CorruptError:
+                except (CorruptError, OSError):
                     block_nr = -1
                 else:
                     fresh.append((ino, inode))

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ciphertextfs.ext4.dirent import EXT4_NAME_LEN
-from ciphertextfs.ext4.errors import CorruptError
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import EXT4_ROOT_INO, Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
@@ -211,7 +210,7 @@ class View:
                     continue
                 try:
                     found.append((ino, self._attr_of(ino, inode)))
-                except (CorruptError, FscryptError):
+                except Exception:  # noqa: BLE001 - only ahead: its own request reports it
                     continue
             with self._lock:
                 nodes.put_many(found)
