@@ -31,13 +31,25 @@ matching conn->max_read and libfuse then refuses to mount.
 
 Threads.  Every request handler runs in the trio event loop, and only the
 loop touches the adapter's own state: the directory handles and their
-counter, the open counts, `stats`, the page-cache budget's window.  Worker
-threads run two things: `View.read` of large reads (at most `read_threads`
-at a time), which reaches the view, its read-ahead and the ext4 reader
-through their locked LRU caches, per-thread O_DIRECT buffers and positioned
-reads only; and the page-cache invalidations, one batch at a time, each on
-a set the loop has handed over.  So the view and the reader below it must
-stay safe for concurrent calls; the adapter's own fields need no lock.
+counter, the open counts, `stats`, the page-cache budget's window, and (for
+a watched live source) the view's caches as changes arrive.  Worker threads
+run: `View.read` of large reads (at most `read_threads` at a time), which
+reaches the view, its read-ahead and the ext4 reader through their locked
+LRU caches, per-thread O_DIRECT buffers and positioned reads only; the
+page-cache invalidations, one batch at a time, each on a set the loop has
+handed over; and a live source's kernel invalidations (below).  So the view
+and the reader below it must stay safe for concurrent calls; the adapter's
+own fields need no lock.
+
+A live source watched for changes (`ciphertextfs.live`, given as
+`changes`) is cached like a static one.  Its events are read by a task of
+the trio loop (`watch_changes`, waiting with wait_readable), not by a
+thread: the view's caches are then changed between two requests, never in
+the middle of one that the loop is answering, and no lock is needed around
+the view.  The kernel's invalidations that follow (pyfuse3.invalidate_inode
+and invalidate_entry) run in a worker thread, like the page cache drops:
+they may wait for a page or a directory lock held by a request that only
+this loop can answer.
 
 Small files are read ahead a directory batch at a time by the view
 (`ciphertextfs.view.readahead`), and open() hands their whole contents to
@@ -94,6 +106,10 @@ READ_THREADS = 2
 #: entry, none of them in a cycle, and each collection walks every young one
 #: (benchmarks/RESULTS.md, "Per-entry cost").
 GC_THRESHOLDS = (100_000, 10, 10)
+
+#: Seconds the change watcher waits after the first event of a burst, so
+#: that one pass forgets what the whole burst changed.
+CHANGE_BATCH = 0.01
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -172,13 +188,17 @@ class CiphertextOperations(pyfuse3.Operations):
         statvfs_path: str | None = None,
         direct_io: bool = DIRECT_IO,
         read_threads: int = READ_THREADS,
+        changes: Any = None,
     ) -> None:
+        """`changes`: a `ciphertextfs.live.ChangeWatcher` of a live source whose
+        view was made `watched`; None for a static source or the fallback."""
         super().__init__()
         self.view = view
         self.statvfs_path = statvfs_path
         self.direct_io = direct_io
+        self.changes = changes
         self.timeout = float(view.cache_timeout)
-        self.keep_cache = not view.live
+        self.keep_cache = not view.live or view.watched
         self._limiter = trio.CapacityLimiter(read_threads) if read_threads > 0 else None
         self._dir_handles: dict[int, tuple[int, Sequence[Any], bool]] = {}
         self._open_counts: dict[int, int] = {}
@@ -346,7 +366,8 @@ class CiphertextOperations(pyfuse3.Operations):
         has the file open: a concurrent reader's readahead may hold a page
         locked until this very loop answers it, and notify_store would wait
         for that lock forever.  The cache keeps the pages across the open
-        only with keep_cache, so live sources never take this path.
+        only with keep_cache, so live sources without a change watcher
+        never take this path.
         """
         try:
             data = self.view.small_contents(ino)
@@ -389,6 +410,53 @@ class CiphertextOperations(pyfuse3.Operations):
         left = self._open_counts.pop(fh, 1) - 1
         if left > 0:
             self._open_counts[fh] = left
+
+    # -- a watched live source ------------------------------------------------
+
+    async def watch_changes(self) -> None:
+        """Forget what each burst of the live source's changes touched, until cancelled."""
+        watcher = self.changes
+        while True:
+            await trio.lowlevel.wait_readable(watcher.fileno())
+            await trio.sleep(CHANGE_BATCH)
+            try:
+                changes = watcher.read()
+            except OSError as e:
+                log.warning("reading the change watcher failed: %s", e)
+                changes = None
+            if changes is not None and not changes:
+                continue
+            try:
+                if changes is None:
+                    raise ValueError("changes lost")
+                inv = self.view.apply_changes(changes.inodes, changes.names, changes.everything)
+            except Exception as e:  # noqa: BLE001 - forgetting everything is always correct
+                log.warning("live source changes: %s; forgetting everything", e)
+                inv = self.view.apply_changes(set(), {}, True)
+            if inv.inodes or inv.entries:
+                await trio.to_thread.run_sync(self._invalidate_changed, inv, abandon_on_cancel=True)
+
+    def _invalidate_changed(self, inv: Any) -> None:
+        """The kernel forgets changed entries, then changed attributes and pages.
+
+        Names the kernel never looked up, and inodes it does not hold,
+        answer ENOENT: nothing to forget.
+        """
+        for parent, name in inv.entries:
+            try:
+                pyfuse3.invalidate_entry(self._notify_node(parent), name)
+            except Exception as e:  # noqa: BLE001 - not cached, or gone meanwhile
+                log.debug("invalidate entry %d/%r: %s", parent, name, e)
+        for ino in inv.inodes:
+            try:
+                pyfuse3.invalidate_inode(self._notify_node(ino), False)
+            except Exception as e:  # noqa: BLE001 - not cached, or gone meanwhile
+                log.debug("invalidate inode %d: %s", ino, e)
+
+    def _notify_node(self, ino: int) -> int:
+        if ino == pyfuse3.ROOT_INODE:
+            raise ValueError("ext4 inode 1 is never in the view")
+        return self._to_node(ino)
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -488,7 +556,11 @@ def _set_read_ahead(mountpoint: str) -> None:
         log.debug("cannot raise readahead of %s: %s", mountpoint, e)
 
 
-async def _serve(mountpoint: str, on_ready: Callable[[], None] | None) -> None:
+async def _serve(
+    mountpoint: str,
+    on_ready: Callable[[], None] | None,
+    watch: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signal() -> None:
@@ -506,6 +578,8 @@ async def _serve(mountpoint: str, on_ready: Callable[[], None] | None) -> None:
 
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(announce)
+        if watch is not None:
+            nursery.start_soon(watch)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -524,6 +598,9 @@ def serve(
     pyfuse3.init(ops, mountpoint, options)
     gc.set_threshold(*GC_THRESHOLDS)
     try:
-        trio.run(_serve, mountpoint, on_ready)
+        watch = ops.watch_changes if ops.changes is not None else None
+        trio.run(_serve, mountpoint, on_ready, watch)
     finally:
         pyfuse3.close(unmount=True)
+        if ops.changes is not None:
+            ops.changes.close()

@@ -66,6 +66,20 @@ class LRU:
                 _, (_value, dropped) = d.popitem(last=False)
                 self._bytes -= dropped
 
+    def pop(self, key: Hashable, default: Any = None) -> Any:
+        """Remove `key` (a live source changed it) and answer its value, or `default`."""
+        with self._lock:
+            item = self._d.pop(key, _MISSING)
+            if item is _MISSING:
+                return default
+            self._bytes -= item[1]
+            return item[0]
+
+    def keys(self) -> list[Hashable]:
+        """A snapshot of the keys held, least recently used first."""
+        with self._lock:
+            return list(self._d)
+
     @property
     def bytes(self) -> int:
         """The sizes charged for what is held now."""

@@ -53,6 +53,13 @@ class Directories:
             raise CorruptError(f"directory {inode.ino}: indexed, but block 0 is not mapped")
         return _dirent.dx_root_hash_version(self.fs.read_block(pblk, cache=False))
 
+    def default_hash(self) -> tuple[int, bytes]:
+        """(hash version, seed) of a directory without a dx_root of its own, as
+        the kernel uses it (unsigned-char flag applied): also what a
+        directory the kernel indexes later records."""
+        sb = self.fs.sb
+        return dx_hash_version(sb.s_def_hash_version, sb.s_flags), sb.s_hash_seed
+
     def readdir_hash(self, inode: Inode) -> ReaddirHash:
         """The (hash, minor hash) the kernel's readdir passes for each entry.
 

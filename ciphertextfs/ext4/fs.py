@@ -196,6 +196,29 @@ class Filesystem:
             cache.clear()
         self.files.clear()
 
+    def forget_inode(self, ino: int) -> None:
+        """Forget what is cached of one inode that a mounted ext4 has changed.
+
+        The inode, the inode table block that holds it, its xattr block and
+        its block mappings with the tree blocks they were read from: every
+        block of its metadata that is cached.  Directory blocks are never
+        cached here.
+        """
+        old = self._inodes.pop(ino)
+        if old is not None and old.i_file_acl:
+            self._blocks.pop(old.i_file_acl)
+        for pblk in self.files.forget(ino):
+            self._blocks.pop(pblk)
+        sb = self.sb
+        if not 1 <= ino <= sb.s_inodes_count:
+            return
+        group, index = divmod(ino - 1, sb.s_inodes_per_group)
+        try:
+            gd = self.group_desc(group)
+        except CorruptError:
+            return
+        self._blocks.pop(gd.bg_inode_table + index * sb.inode_size // self.block_size)
+
     def close(self) -> None:
         self.source.close()
 
@@ -353,6 +376,10 @@ class Filesystem:
     def dx_root_hash_version(self, inode: Inode) -> int | None:
         """The dx_root's hash version of an indexed directory, else None."""
         return self.dirs.dx_root_hash_version(inode)
+
+    @property
+    def default_dirhash(self) -> tuple[int, bytes]:
+        return self.dirs.default_hash()
 
     def readdir_hash(self, inode: Inode) -> ReaddirHash:
         """The (hash, minor hash) the kernel's readdir passes for each entry."""

@@ -69,6 +69,7 @@ _EXTRA_ALL = _EXTRA.size  # an i_extra_isize covering every field of _EXTRA
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _INO_GEN = struct.Struct("<II")
+_OFF_OSD1 = 0x24  # l_i_version
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -328,12 +329,14 @@ def encode_inode(
     file_acl: int = 0,
     generation: int = 0,
     ibody_xattrs: bytes = b"",
+    version: int = 0,
 ) -> bytes:
     """An inode of `inode_size` bytes, checksum fields zero (the caller sets them).
 
     `i_blocks` is in 512-byte units (no huge_file scaling: the caller keeps
     it below 2**48); `ibody_xattrs` is the in-inode xattr area after
-    i_extra_isize (see xattr.encode_ibody).
+    i_extra_isize (see xattr.encode_ibody); `version` the low 32 bits of
+    i_version (l_i_version), which an EA inode uses for its reference count.
     """
     if len(i_block) != I_BLOCK_SIZE:
         raise ValueError("i_block is 60 bytes")
@@ -362,6 +365,7 @@ def encode_inode(
         size >> 32,
         0,
     )
+    struct.pack_into("<I", buf, _OFF_OSD1, version & 0xFFFFFFFF)
     _OSD2.pack_into(
         buf, 0x74, (i_blocks >> 32) & 0xFFFF, file_acl >> 32, uid >> 16, gid >> 16, 0, 0
     )

@@ -59,7 +59,14 @@ STATIC_CACHE_TIMEOUT = 3600.0
 """An image or snapshot never changes under the view: let the kernel cache."""
 
 LIVE_CACHE_TIMEOUT = 1.0
-"""A mounted filesystem does: keep what the kernel and the view cache short."""
+"""A mounted filesystem does: without a change watcher, keep what the kernel
+and the view cache short."""
+
+SYNC_INTERVAL = 0.05
+"""Seconds between two syncfs of a watched live source, at least."""
+
+UNSYNCED_MAX = 1 << 16
+"""Changed inodes remembered until the next syncfs; past that, any read syncs."""
 
 ATTRS_AHEAD_MAX = 16384
 """Largest directory whose entries' attributes are built along with its listing."""
@@ -101,6 +108,15 @@ class Attr:
     generation: int
 
 
+@dataclass(frozen=True, slots=True)
+class Invalidations:
+    """What the kernel must forget after a change: inodes (attributes and
+    pages) and directory entries (parent, name), in view inode numbers."""
+
+    inodes: tuple[int, ...]
+    entries: tuple[tuple[int, bytes], ...]
+
+
 class View:
     """The ciphertext view of one ext4 tree rooted at `root_ino`."""
 
@@ -111,15 +127,29 @@ class View:
         *,
         live: bool = False,
         sync: Callable[[], None] | None = None,
+        watched: bool = False,
     ):
         """`live`: the source is a mounted filesystem.  `sync` then writes it
         back (syncfs) each time the caches expire, so that file contents,
-        read with O_DIRECT from the device, are at most that old."""
+        read with O_DIRECT from the device, are at most that old.
+
+        `watched`: every change of the live source is reported through
+        `apply_changes` (ciphertextfs.live); the caches then last as for a
+        static source, changed objects are forgotten one by one, and the
+        source is synced only before a changed object is read again."""
         self.fs = fs
         self._sync = sync
         self.root_ino = root_ino
         self.live = live
-        self.cache_timeout = LIVE_CACHE_TIMEOUT if live else STATIC_CACHE_TIMEOUT
+        self.watched = live and watched
+        self.cache_timeout = (
+            LIVE_CACHE_TIMEOUT if live and not self.watched else STATIC_CACHE_TIMEOUT
+        )
+        self._epoch = 0
+        self._unsynced: set[int] = set()
+        self._unsynced_all = False
+        self._sync_lock = threading.Lock()
+        self._last_sync = 0.0
         self._nodes = LRU(65536)
         """Attributes per inode: all a listing needs, built from the inode alone."""
         self._xattr_sets = LRU(16384)
@@ -137,7 +167,7 @@ class View:
 
     def _fresh(self) -> None:
         """On a live filesystem, forget whatever is older than the timeout."""
-        if not self.live:
+        if not self.live or self.watched:
             return
         now = time.monotonic()
         if now - self._stamp > self.cache_timeout:
@@ -161,47 +191,58 @@ class View:
         self._fresh()
         attr = self._nodes.get(ino)
         if attr is None:
+            epoch = self._before_reading(ino)
             attr = self._build_attr(ino)
             with self._lock:
-                self._nodes.put(ino, attr)
+                if epoch == self._epoch:
+                    self._nodes.put(ino, attr)
         return attr
 
     def _xattrs(self, ino: int) -> dict[bytes, bytes]:
         self._fresh()
         xattrs = self._xattr_sets.get(ino)
         if xattrs is None:
+            epoch = self._before_reading(ino)
             xattrs = self._build_xattrs(ino)
             with self._lock:
-                self._xattr_sets.put(ino, xattrs)
+                if epoch == self._epoch:
+                    self._xattr_sets.put(ino, xattrs)
         return xattrs
 
     def listing(self, dir_ino: int) -> Listing:
         self._fresh()
         listing = self._listings.get(dir_ino)
         if listing is None:
+            epoch = self._before_reading(dir_ino)
             inode = self._inode(dir_ino)
             if not inode.is_dir:
                 raise NotADirectoryError(dir_ino)
             listing = list_directory(self.fs, inode, dir_ino)
             with self._lock:
-                self._listings.put(dir_ino, listing)
+                if epoch == self._epoch:
+                    self._listings.put(dir_ino, listing)
             self._ahead.note_listing(dir_ino, listing)
-            self._attrs_ahead(listing)
+            self._attrs_ahead(listing, epoch)
         return listing
 
-    def _attrs_ahead(self, listing: Listing) -> None:
+    def _attrs_ahead(self, listing: Listing, epoch: int) -> None:
         """Build the attributes of a new listing's entries in inode number order.
 
         readdirplus asks for them next in name hash order, scattered over
         the inode tables; in number order each table block is looked up
         once for all its inodes.  Not for a directory too large for the
         caches, whose first entries would be evicted before they are asked
-        for; an entry that cannot be read is left for its own request.
+        for; an entry that cannot be read, or that a watched live source
+        changed since its last sync, is left for its own request.  Nothing
+        is kept once another change came in (`epoch`, as in `attr`).
         """
-        if len(listing.entries) > ATTRS_AHEAD_MAX:
+        if len(listing.entries) > ATTRS_AHEAD_MAX or self._unsynced_all:
             return
         nodes = self._nodes
-        inos = sorted({ino for _name, ino in listing.entries if not is_side_ino(ino)})
+        unsynced = self._unsynced
+        inos = sorted(
+            {ino for _name, ino in listing.entries if not is_side_ino(ino) and ino not in unsynced}
+        )
         for start in range(0, len(inos), ATTRS_AHEAD_BATCH):
             chunk = [i for i in inos[start : start + ATTRS_AHEAD_BATCH] if nodes.get(i) is None]
             found = []
@@ -213,7 +254,103 @@ class View:
                 except Exception:  # noqa: BLE001 - only ahead: its own request reports it
                     continue
             with self._lock:
+                if epoch != self._epoch:
+                    return
                 nodes.put_many(found)
+
+    # -- a watched live source ------------------------------------------------
+
+    def _before_reading(self, ino: int) -> int:
+        """Sync the source if `ino` changed since the last sync; answer the cache epoch.
+
+        ext4 writes inodes and directory blocks into the device's page cache
+        as the change happens, but sizes and extents of delayed allocations
+        and file contents only at writeback: a changed object is read again
+        only after a syncfs that started after its change was reported.  What
+        is read while another change is being reported is not cached (the
+        epoch moved on).
+        """
+        epoch = self._epoch
+        if not self.watched or not (self._unsynced_all or ino in self._unsynced):
+            return epoch
+        with self._sync_lock:
+            if not (self._unsynced_all or ino in self._unsynced):
+                return epoch  # synced meanwhile by another reader
+            wait = self._last_sync + SYNC_INTERVAL - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            with self._lock:
+                self._unsynced = set()
+                self._unsynced_all = False
+                epoch = self._epoch
+            if self._sync is not None:
+                try:
+                    self._sync()
+                except OSError as e:
+                    log.warning("syncfs of the live source failed: %s", e)
+            self._last_sync = time.monotonic()
+        return epoch
+
+    def apply_changes(
+        self, inodes: set[int], names: dict[int, set[bytes]], everything: bool = False
+    ) -> Invalidations:
+        """Forget what a batch of changes of the live source touched.
+
+        `inodes`: ext4 inodes that changed; `names`: directory -> names added,
+        removed or replaced there, as the kernel named them (plaintext in an
+        unlocked encrypted directory, where the view's names differ, so the
+        cached listing is searched for the changed inodes too); `everything`:
+        changes were lost, forget it all.  Answers what the kernel must
+        forget in turn.
+        """
+        with self._lock:
+            self._epoch += 1
+            if everything:
+                old_nodes = self._nodes.keys()
+                old_listings = [(d, self._listings.get(d)) for d in self._listings.keys()]
+                self._nodes.clear()
+                self._xattr_sets.clear()
+                self._listings.clear()
+                self.fs.drop_caches()
+                self._unsynced = set()
+                self._unsynced_all = True
+            else:
+                old_nodes = []
+                old_listings = [(d, self._listings.pop(d)) for d in names]
+                changed = set(inodes) | set(names)
+                for ino in changed:
+                    attr = self._nodes.pop(ino)
+                    if attr is not None:
+                        old_nodes.append(ino)
+                        self._ahead.forget(ino, attr)
+                    if self._nodes.pop(side_file_ino(ino)) is not None:
+                        old_nodes.append(side_file_ino(ino))
+                    self._xattr_sets.pop(ino)
+                    self._xattr_sets.pop(side_file_ino(ino))
+                    self.fs.forget_inode(ino)
+                if len(self._unsynced) + len(changed) > UNSYNCED_MAX:
+                    self._unsynced_all = True
+                    self._unsynced = set()
+                elif not self._unsynced_all:
+                    self._unsynced |= changed
+        if everything:
+            self._ahead.clear()
+            kernel_inodes = set(old_nodes)
+        else:
+            kernel_inodes = set(inodes) | set(names) | set(old_nodes)
+        entries: set[tuple[int, bytes]] = set()
+        for d, listing in old_listings:
+            if listing is None:
+                continue
+            kernel_inodes.add(d)
+            if listing.side_file is not None:
+                kernel_inodes.add(side_file_ino(d))
+            for e in listing.entries:
+                if everything or e.ino in inodes:
+                    entries.add((d, e.name))
+        for d, got in names.items():
+            entries.update((d, n) for n in got)
+        return Invalidations(tuple(sorted(kernel_inodes)), tuple(sorted(entries)))
 
     # -- nodes --------------------------------------------------------------
 
@@ -246,6 +383,10 @@ class View:
         return self._attr_of(ino, self._inode(ino))
 
     def _attr_of(self, ino: int, inode: Inode) -> Attr:
+        if self.watched and inode.i_links_count == 0:
+            # Deleted since the kernel looked it up: a name it still holds
+            # must not show the dead inode.
+            raise ViewNotFound(ino)
         size = inode.i_size
         if inode.is_encrypted:
             context = self._inode_policy(inode)
@@ -276,10 +417,14 @@ class View:
         if is_side_ino(ino):
             return self._side_xattrs(ino)
         inode = self._inode(ino)
+        if self.watched and inode.i_links_count == 0:
+            # Deleted since the kernel looked it up: a name it still holds
+            # must not show the dead inode.
+            raise ViewNotFound(ino)
         on_disk = self.fs.xattrs(inode)
         xattrs = passthrough_xattrs(on_disk, ino)
         if inode.is_dir and (inode.is_encrypted or self._encrypting):
-            xattrs.update(encode_dir_xattrs(self.fs.block_size))
+            xattrs.update(encode_dir_xattrs(self.fs.block_size, self.fs.default_dirhash))
         if inode.is_encrypted:
             raw = fscrypt_context_raw(on_disk)
             if raw is None:
