@@ -17,12 +17,14 @@ import os
 import re
 import shutil
 import stat
+import struct
 from pathlib import Path
 
 import pytest
 
 from ciphertextfs.ext4.errors import CorruptError
 from ciphertextfs.ext4.fs import Filesystem
+from ciphertextfs.ext4.inode import parse_inode
 from ciphertextfs.view import model
 from ciphertextfs.view.model import View
 from ciphertextfs.view.names import is_side_ino
@@ -239,3 +241,47 @@ def test_encrypted_sizes_and_contexts_per_file(tmp_path: Path) -> None:
                     assert a.st_size == len(view.readlink(e.ino))
     assert checked == 4 * len(sizes)
     assert len(contexts) == checked, "a file showed another file's context"
+
+
+def _time_ns(seconds: int, extra: int | None) -> int:
+    """ext4's time encoding: signed 32-bit seconds, two epoch bits and nanoseconds in extra."""
+    sec = seconds - (1 << 32) if seconds & 0x80000000 else seconds
+    if extra is None:
+        return sec * 10**9
+    return (sec + ((extra & 3) << 32)) * 10**9 + (extra >> 2)
+
+
+@pytest.mark.parametrize("extra_isize", [0, 4, 12, 16, 20, 24, 28, 32])
+def test_inode_fields_past_i_extra_isize(tmp_path: Path, extra_isize: int) -> None:
+    """Each field after the 128-byte base counts only when i_extra_isize covers it.
+
+    The parse reads them all in one unpack when i_extra_isize covers them
+    all, field by field otherwise: nanoseconds and epochs from 0x84, the
+    creation time from 0x90, i_projid from 0x9c.
+    """
+    image = _plain_image(tmp_path, files=1)
+    with Filesystem.open(image) as fs:
+        sb = fs.sb
+        dir_ino = {e.name: e.inode for e in fs.read_dir(fs.inode(2))}[b"dir"]
+        ino = next(e.inode for e in fs.read_dir(fs.inode(dir_ino)) if e.name == b"file-000")
+        raw = bytearray(fs.inode(ino).raw)
+    extras = {0x84: 4 * 7 + 1, 0x88: 4 * 8 + 2, 0x8C: 4 * 9 + 3, 0x90: 1_000_000, 0x94: 4 * 5}
+    for off, value in extras.items():
+        struct.pack_into("<I", raw, off, value)
+    struct.pack_into("<I", raw, 0x9C, 77)
+    struct.pack_into("<H", raw, 0x80, extra_isize)
+    got = parse_inode(sb, ino, bytes(raw))
+
+    def field(off: int) -> int | None:
+        return extras.get(off) if 0x80 + extra_isize >= off + 4 else None
+
+    base = dict(
+        zip(("atime", "ctime", "mtime"), struct.unpack_from("<III", raw, 0x08), strict=True)
+    )
+    assert got.i_extra_isize == extra_isize
+    assert got.i_ctime_ns == _time_ns(base["ctime"], field(0x84))
+    assert got.i_mtime_ns == _time_ns(base["mtime"], field(0x88))
+    assert got.i_atime_ns == _time_ns(base["atime"], field(0x8C))
+    crtime = field(0x90)
+    assert got.i_crtime_ns == (None if crtime is None else _time_ns(crtime, field(0x94)))
+    assert got.i_projid == (77 if 0x80 + extra_isize >= 0xA0 else 0)
