@@ -15,11 +15,11 @@ every file keeps its original inode number and hard links stay visible to
 
 View files use the page cache (FOPEN_DIRECT_IO would turn every
 application read into a round trip and a device read), and the daemon
-bounds what a backup leaves there: after every `CACHE_WINDOW` bytes read
-through the view, the pages of the files read meanwhile are invalidated in
-one batch, so a full backup does not push the host's working set out.
-Source blocks are read with O_DIRECT by the ext4 layer and are not cached
-twice.
+bounds what a backup leaves there (`ciphertextfs.pagecache`): after every
+`CACHE_WINDOW` bytes read through the view, the pages of the files read
+meanwhile are invalidated in one batch, so a full backup does not push the
+host's working set out.  Source blocks are read with O_DIRECT by the ext4
+layer and are not cached twice.
 
 The mount's readahead is raised so that the kernel keeps several 1 MiB
 requests in flight and the device read of one overlaps the reply of
@@ -28,6 +28,18 @@ lookups and getattr keep being answered meanwhile; small reads are answered
 in the event loop, where they cost less than the hand-off to a thread.
 libfuse's max_read option cannot be used: pyfuse3 has no way to set the
 matching conn->max_read and libfuse then refuses to mount.
+
+Threads.  Every request handler runs in the trio event loop, and only the
+loop touches the adapter's own state: the directory handles and their
+counter, the open counts, `stats`, the page-cache budget's window, and (for
+a watched live source) the view's caches as changes arrive.  Worker threads
+run: `View.read` of large reads (at most `read_threads` at a time), which
+reaches the view, its read-ahead and the ext4 reader through their locked
+LRU caches, per-thread O_DIRECT buffers and positioned reads only; the
+page-cache invalidations, one batch at a time, each on a set the loop has
+handed over; and a live source's kernel invalidations (below).  So the view
+and the reader below it must stay safe for concurrent calls; the adapter's
+own fields need no lock.
 
 A live source watched for changes (`ciphertextfs.live`, given as
 `changes`) is cached like a static one.  Its events are read by a task of
@@ -50,6 +62,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import logging
 import os
 import signal
@@ -61,6 +74,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from ciphertextfs.pagecache import PageCacheBudget
 from ciphertextfs.view.model import ViewNoAttr, ViewNotFound
 from ciphertextfs.view.protocol import ViewProtocol
 
@@ -86,6 +100,12 @@ SMALL_READ = 128 << 10
 #: while a large read is in progress.
 READ_THREADS = 2
 
+
+#: The daemon's cyclic garbage collector runs a young collection after this
+#: many allocations instead of 700: listings build several small objects per
+#: entry, none of them in a cycle, and each collection walks every young one
+#: (benchmarks/RESULTS.md, "Per-entry cost").
+GC_THRESHOLDS = (100_000, 10, 10)
 
 #: Seconds the change watcher waits after the first event of a burst, so
 #: that one pass forgets what the whole burst changed.
@@ -183,9 +203,7 @@ class CiphertextOperations(pyfuse3.Operations):
         self._dir_handles: dict[int, tuple[int, Sequence[Any], bool]] = {}
         self._open_counts: dict[int, int] = {}
         self._can_store = True
-        self._window_inodes: set[int] = set()
-        self._window_bytes = 0
-        self._drop_limiter = trio.CapacityLimiter(1)
+        self.page_cache = PageCacheBudget(CACHE_WINDOW, self._to_node)
         self._next_fh = 1
         self.stats = ServeStats()
 
@@ -365,7 +383,7 @@ class CiphertextOperations(pyfuse3.Operations):
                 self._can_store = False
             log.debug("cannot store inode %d in the page cache: %s", ino, e)
             return
-        self._account_cached(ino, len(data))
+        self.page_cache.account(ino, len(data))
         self.stats.bytes += len(data)
 
     @_fuse_errors
@@ -383,51 +401,15 @@ class CiphertextOperations(pyfuse3.Operations):
                 self.view.read, fh, off, size, limiter=self._limiter
             )
         if not self.direct_io:
-            self._account_cached(fh, len(data))
+            self.page_cache.account(fh, len(data))
         self.stats.bytes += len(data)
         return data
 
-    def _account_cached(self, ino: int, nbytes: int) -> None:
-        """Bound what a backup leaves in the page cache to about CACHE_WINDOW.
-
-        Every CACHE_WINDOW bytes read, the pages of every file read since
-        the last time are dropped, in one batch: per-file invalidation on
-        close costs a thread hand-off per file, as much as the read itself
-        for small files.
-        """
-        self._window_inodes.add(ino)
-        self._window_bytes += nbytes
-        if self._window_bytes >= CACHE_WINDOW:
-            self._drop_cache_soon(self._window_inodes)
-            self._window_inodes = set()
-            self._window_bytes = 0
-
     async def release(self, fh: int) -> None:
-        """Count the close; the page cache is bounded by `_account_cached`."""
+        """Count the close; the page cache is bounded by `page_cache`."""
         left = self._open_counts.pop(fh, 1) - 1
         if left > 0:
             self._open_counts[fh] = left
-
-    def _drop_cache_soon(self, inodes: set[int]) -> None:
-        """Drop the kernel's cached pages of `inodes` without waiting for it.
-
-        Invalidation waits for pages still locked by readahead, whose data
-        this very loop has yet to send: it must run in a thread, never in a
-        request handler.
-        """
-        trio.lowlevel.spawn_system_task(self._drop_cache, inodes)
-
-    async def _drop_cache(self, inodes: set[int]) -> None:
-        await trio.to_thread.run_sync(
-            self._invalidate, inodes, limiter=self._drop_limiter, abandon_on_cancel=True
-        )
-
-    def _invalidate(self, inodes: set[int]) -> None:
-        for ino in inodes:
-            try:
-                pyfuse3.invalidate_inode(self._to_node(ino), False)
-            except Exception as e:  # noqa: BLE001 - a missed invalidation only costs memory
-                log.debug("cannot drop cached pages of inode %d: %s", ino, e)
 
     # -- a watched live source ------------------------------------------------
 
@@ -614,6 +596,7 @@ def serve(
     end the loop and unmount; `fusermount3 -u` ends the loop from outside.
     """
     pyfuse3.init(ops, mountpoint, options)
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         watch = ops.watch_changes if ops.changes is not None else None
         trio.run(_serve, mountpoint, on_ready, watch)

@@ -56,6 +56,21 @@ class LRU:
                 _, (_value, dropped) = self._d.popitem(last=False)
                 self._bytes -= dropped
 
+    def put_many(self, items: list[tuple[Hashable, Any]]) -> None:
+        """Put several (key, value) pairs of size 0 under one lock."""
+        with self._lock:
+            d = self._d
+            for key, value in items:
+                old = d.pop(key, None)
+                if old is not None:
+                    self._bytes -= old[1]
+                d[key] = (value, 0)
+            while len(d) > self._max_items or (
+                self._max_bytes is not None and self._bytes > self._max_bytes and d
+            ):
+                _, (_value, dropped) = d.popitem(last=False)
+                self._bytes -= dropped
+
     def pop(self, key: Hashable, default: Any = None) -> Any:
         """Remove `key` (a live source changed it) and answer its value, or `default`."""
         with self._lock:

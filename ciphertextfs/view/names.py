@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ciphertextfs.ext4.directory import IndexInconclusive
 from ciphertextfs.ext4.dirent import EXT4_FT_SYMLINK, EXT4_FT_UNKNOWN, DirEntry
@@ -39,13 +40,14 @@ SIDE_INO_BASE = 1 << 32
 32-bit ext4 inode number, and the same on every mount (incremental backups)."""
 
 
-LISTING_ENTRY_BYTES = 176
+LISTING_ENTRY_BYTES = 184
 """What CPython holds per listed entry besides the name's bytes: the Entry,
 the name's bytes object, the inode number, a dict slot and a tuple slot."""
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """One name of a listing (a tuple: one per entry, and cheap to build)."""
+
     name: bytes
     ino: int
 
