@@ -347,3 +347,21 @@ def test_names_whose_hash_continues_into_the_next_leaf(tmp_path) -> None:
         assert _collision_bits(fs, inode) > 0, "the kernel split no colliding pair"
         for name in colliding:
             assert lookup_in_index(fs, inode, name) == expected[name], name
+
+
+def test_xattr_sets_are_charged_what_they_hold(image) -> None:
+    img, dirs, _csum = image
+    with Filesystem.open(str(img)) as fs:
+        view = View(fs)
+        inos = [e.ino for e in view.entries(dirs["v2"]) if e.name != SIDE_FILE_NAME]
+        for ino in inos:
+            view._xattrs(ino)  # the reader's inode and block caches warm, out of the measure
+        view = View(fs)
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        sets = [view._xattrs(ino) for ino in inos]
+        held = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        charged = sum(model.xattr_set_bytes(x) for x in sets)
+        assert view._xattr_sets.bytes == charged
+        assert 0.6 * held <= charged <= 1.4 * held, (held, charged)
