@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| code | tree | pass | entries | CPU s | us/entry |")
         print("|---|---|---|---|---|---|")
         for tree in args.tree:
-            label = _label(tree)
+            label = common.tree_label(tree)
             for top in ("enc", "plain"):
                 for what in ("attrs", "xattrs"):
                     best = min(
@@ -153,13 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def _label(tree: Path) -> str:
-    r = subprocess.run(
-        ["git", "-C", tree, "log", "-1", "--format=%h %s"], capture_output=True, text=True
-    )
-    return r.stdout.strip()[:40] or os.fspath(tree)
 
 
 if __name__ == "__main__":

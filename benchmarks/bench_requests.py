@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|---|---|")
         by_type: dict[tuple[str, str], collections.Counter] = {}
         for tree in args.tree:
-            label = _label(tree)
+            label = common.tree_label(tree)
             for tool, cmd in TOOLS.items():
                 counts = count_requests(tree, image, work, cmd)
                 secs = 0.0 if args.no_time else time_tool(tree, image, work, cmd, args.runs)
@@ -192,13 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def _label(tree: Path) -> str:
-    r = subprocess.run(
-        ["git", "-C", tree, "log", "-1", "--format=%h %s"], capture_output=True, text=True
-    )
-    return r.stdout.strip()[:40] or os.fspath(tree)
 
 
 if __name__ == "__main__":
