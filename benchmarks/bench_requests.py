@@ -1,10 +1,11 @@
-"""FUSE requests and time per small encrypted file under `tar --xattrs` and `rsync -aHAX`.
+"""FUSE requests, by type, and time per small encrypted file under find, rsync and tar.
 
 Builds an ext4 image with small files written through the kernel into a
 fscrypt v2 directory, locks it, then for each ciphertextfs code tree given
 (`--tree`, e.g. a checkout of main and this branch):
 
-  * counts the FUSE requests each tool makes, from libfuse's own trace
+  * counts the FUSE requests each tool (`find`, `rsync -aHAX --dry-run`
+    into an empty directory, `rsync -aHAX`, `tar --xattrs`) makes, from libfuse's own trace
     (`ciphertextfs mount -f -o debug` prints one `opcode:` line per request
     the kernel sends), per opcode and per file;
   * times each tool over a view mounted without tracing, from a cold page
@@ -36,8 +37,10 @@ from tests import harness, trees
 DIRS = 10
 SIZE_MIN, SIZE_MAX = 512, 4096
 TOOLS = {
-    "tar --xattrs": "tar --xattrs --xattrs-include='*' --acls -cf - -C {m} . | cat >/dev/null",
+    "find": "find {m} >/dev/null",
+    "rsync -aHAX --dry-run": "rsync -aHAX --dry-run {m}/ {dst}/",
     "rsync -aHAX": "rsync -aHAX {m}/ {dst}/",
+    "tar --xattrs": "tar --xattrs --xattrs-include='*' --acls -cf - -C {m} . | cat >/dev/null",
 }
 _OPCODE = re.compile(rb"opcode: (\w+)")
 
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--files", type=int, default=5000, help="small files (default 5000)")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--no-time", action="store_true", help="count requests only")
     p.add_argument(
         "--tree",
         type=Path,
@@ -161,11 +165,12 @@ def main(argv: list[str] | None = None) -> int:
             "| code | tool | requests/file | getxattr/file | listxattr/file | seconds | us/file |"
         )
         print("|---|---|---|---|---|---|---|")
+        by_type: dict[tuple[str, str], collections.Counter] = {}
         for tree in args.tree:
-            label = _label(tree)
+            label = common.tree_label(tree)
             for tool, cmd in TOOLS.items():
                 counts = count_requests(tree, image, work, cmd)
-                secs = time_tool(tree, image, work, cmd, args.runs)
+                secs = 0.0 if args.no_time else time_tool(tree, image, work, cmd, args.runs)
                 n = args.files
                 print(
                     f"| {label} | {tool} | {sum(counts.values()) / n:.2f} | "
@@ -173,18 +178,20 @@ def main(argv: list[str] | None = None) -> int:
                     f"{secs:.2f} | {secs / n * 1e6:.0f} |",
                     flush=True,
                 )
-                detail = ", ".join(f"{op} {c}" for op, c in counts.most_common())
-                print(f"<!-- {label} {tool}: {detail} -->", flush=True)
+                by_type[label, tool] = counts
+        n = args.files
+        ops = sorted({op for c in by_type.values() for op in c})
+        print()
+        print("Requests per file, by type:")
+        print()
+        print("| code | tool | " + " | ".join(ops) + " |")
+        print("|---|---|" + "---|" * len(ops))
+        for (label, tool), counts in by_type.items():
+            cells = " | ".join(f"{counts[op] / n:.2f}" if counts[op] else "" for op in ops)
+            print(f"| {label} | {tool} | {cells} |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def _label(tree: Path) -> str:
-    r = subprocess.run(
-        ["git", "-C", tree, "log", "-1", "--format=%h %s"], capture_output=True, text=True
-    )
-    return r.stdout.strip()[:40] or os.fspath(tree)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ no-key names, each with its user.fscrypt.* xattrs.  Next to each it
 writes the same bytes as plain files under plain names.  Then times, from
 a cold page cache and including the final sync:
 
-  * `restore-image` of each backup (tree, and tar archive) into a new image,
+  * `restore-image` of each backup (tree, tar archive, the archive piped on
+    standard input) into a new image,
   * `mke2fs -d` of the plain copy into an image of the same size: the
     e2fsprogs baseline for writing the same amount of data.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -97,9 +99,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"built {name}: {len(sizes)} files, {sum(sizes) // MIB} MiB")
             img = work / "out.img"
             for _r in range(args.runs):
-                for label, src in (("tree", view), ("tar archive", tar)):
+                for label, src in (("tree", view), ("tar archive", tar), ("tar on stdin", tar)):
                     img.unlink(missing_ok=True)
-                    s = timed_cold([*map(os.fspath, cli), os.fspath(src), os.fspath(img)])
+                    restore = [*map(os.fspath, cli), os.fspath(src), os.fspath(img)]
+                    if label == "tar on stdin":
+                        # A pipe: restore-image copies it to $TMPDIR first.
+                        restore[-2] = "-"
+                        restore = ["sh", "-c", f'cat "$0" | {shlex.join(restore)}', os.fspath(tar)]
+                    s = timed_cold(restore)
                     samples.setdefault(f"restore-image {name} ({label})", []).append(s)
                 size = img.stat().st_size
                 img.unlink()

@@ -192,6 +192,14 @@ def memcg(name: str) -> Iterator[tuple[Path, Callable[[], MemcgUsage]]]:
                 time.sleep(0.1)
 
 
+def tree_label(tree: Path) -> str:
+    """A code tree named by its commit, for tables that compare trees."""
+    r = subprocess.run(
+        ["git", "-C", tree, "log", "-1", "--format=%h %s"], capture_output=True, text=True
+    )
+    return r.stdout.strip()[:40] or os.fspath(tree)
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

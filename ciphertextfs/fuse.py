@@ -15,11 +15,11 @@ every file keeps its original inode number and hard links stay visible to
 
 View files use the page cache (FOPEN_DIRECT_IO would turn every
 application read into a round trip and a device read), and the daemon
-bounds what a backup leaves there: after every `CACHE_WINDOW` bytes read
-through the view, the pages of the files read meanwhile are invalidated in
-one batch, so a full backup does not push the host's working set out.
-Source blocks are read with O_DIRECT by the ext4 layer and are not cached
-twice.
+bounds what a backup leaves there (`ciphertextfs.pagecache`): after every
+`CACHE_WINDOW` bytes read through the view, the pages of the files read
+meanwhile are invalidated in one batch, so a full backup does not push the
+host's working set out.  Source blocks are read with O_DIRECT by the ext4
+layer and are not cached twice.
 
 The mount's readahead is raised so that the kernel keeps several 1 MiB
 requests in flight and the device read of one overlaps the reply of
@@ -28,6 +28,28 @@ lookups and getattr keep being answered meanwhile; small reads are answered
 in the event loop, where they cost less than the hand-off to a thread.
 libfuse's max_read option cannot be used: pyfuse3 has no way to set the
 matching conn->max_read and libfuse then refuses to mount.
+
+Threads.  Every request handler runs in the trio event loop, and only the
+loop touches the adapter's own state: the directory handles and their
+counter, the open counts, `stats`, the page-cache budget's window, and (for
+a watched live source) the view's caches as changes arrive.  Worker threads
+run: `View.read` of large reads (at most `read_threads` at a time), which
+reaches the view, its read-ahead and the ext4 reader through their locked
+LRU caches, per-thread O_DIRECT buffers and positioned reads only; the
+page-cache invalidations, one batch at a time, each on a set the loop has
+handed over; and a live source's kernel invalidations (below).  So the view
+and the reader below it must stay safe for concurrent calls; the adapter's
+own fields need no lock.
+
+A live source watched for changes (`ciphertextfs.live`, given as
+`changes`) is cached like a static one.  Its events are read by a task of
+the trio loop (`watch_changes`, waiting with wait_readable), not by a
+thread: the view's caches are then changed between two requests, never in
+the middle of one that the loop is answering, and no lock is needed around
+the view.  The kernel's invalidations that follow (pyfuse3.invalidate_inode
+and invalidate_entry) run in a worker thread, like the page cache drops:
+they may wait for a page or a directory lock held by a request that only
+this loop can answer.
 
 Small files are read ahead a directory batch at a time by the view
 (`ciphertextfs.view.readahead`), and open() hands their whole contents to
@@ -40,6 +62,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import logging
 import os
 import signal
@@ -51,6 +74,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from ciphertextfs.pagecache import PageCacheBudget
 from ciphertextfs.view.model import ViewNoAttr, ViewNotFound
 from ciphertextfs.view.protocol import ViewProtocol
 
@@ -76,6 +100,16 @@ SMALL_READ = 128 << 10
 #: while a large read is in progress.
 READ_THREADS = 2
 
+
+#: The daemon's cyclic garbage collector runs a young collection after this
+#: many allocations instead of 700: listings build several small objects per
+#: entry, none of them in a cycle, and each collection walks every young one
+#: (benchmarks/RESULTS.md, "Per-entry cost").
+GC_THRESHOLDS = (100_000, 10, 10)
+
+#: Seconds the change watcher waits after the first event of a burst, so
+#: that one pass forgets what the whole burst changed.
+CHANGE_BATCH = 0.01
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -154,20 +188,22 @@ class CiphertextOperations(pyfuse3.Operations):
         statvfs_path: str | None = None,
         direct_io: bool = DIRECT_IO,
         read_threads: int = READ_THREADS,
+        changes: Any = None,
     ) -> None:
+        """`changes`: a `ciphertextfs.live.ChangeWatcher` of a live source whose
+        view was made `watched`; None for a static source or the fallback."""
         super().__init__()
         self.view = view
         self.statvfs_path = statvfs_path
         self.direct_io = direct_io
+        self.changes = changes
         self.timeout = float(view.cache_timeout)
-        self.keep_cache = not view.live
+        self.keep_cache = not view.live or view.watched
         self._limiter = trio.CapacityLimiter(read_threads) if read_threads > 0 else None
         self._dir_handles: dict[int, tuple[int, Sequence[Any], bool]] = {}
         self._open_counts: dict[int, int] = {}
         self._can_store = True
-        self._window_inodes: set[int] = set()
-        self._window_bytes = 0
-        self._drop_limiter = trio.CapacityLimiter(1)
+        self.page_cache = PageCacheBudget(CACHE_WINDOW, self._to_node)
         self._next_fh = 1
         self.stats = ServeStats()
 
@@ -330,7 +366,8 @@ class CiphertextOperations(pyfuse3.Operations):
         has the file open: a concurrent reader's readahead may hold a page
         locked until this very loop answers it, and notify_store would wait
         for that lock forever.  The cache keeps the pages across the open
-        only with keep_cache, so live sources never take this path.
+        only with keep_cache, so live sources without a change watcher
+        never take this path.
         """
         try:
             data = self.view.small_contents(ino)
@@ -346,7 +383,7 @@ class CiphertextOperations(pyfuse3.Operations):
                 self._can_store = False
             log.debug("cannot store inode %d in the page cache: %s", ino, e)
             return
-        self._account_cached(ino, len(data))
+        self.page_cache.account(ino, len(data))
         self.stats.bytes += len(data)
 
     @_fuse_errors
@@ -364,51 +401,62 @@ class CiphertextOperations(pyfuse3.Operations):
                 self.view.read, fh, off, size, limiter=self._limiter
             )
         if not self.direct_io:
-            self._account_cached(fh, len(data))
+            self.page_cache.account(fh, len(data))
         self.stats.bytes += len(data)
         return data
 
-    def _account_cached(self, ino: int, nbytes: int) -> None:
-        """Bound what a backup leaves in the page cache to about CACHE_WINDOW.
-
-        Every CACHE_WINDOW bytes read, the pages of every file read since
-        the last time are dropped, in one batch: per-file invalidation on
-        close costs a thread hand-off per file, as much as the read itself
-        for small files.
-        """
-        self._window_inodes.add(ino)
-        self._window_bytes += nbytes
-        if self._window_bytes >= CACHE_WINDOW:
-            self._drop_cache_soon(self._window_inodes)
-            self._window_inodes = set()
-            self._window_bytes = 0
-
     async def release(self, fh: int) -> None:
-        """Count the close; the page cache is bounded by `_account_cached`."""
+        """Count the close; the page cache is bounded by `page_cache`."""
         left = self._open_counts.pop(fh, 1) - 1
         if left > 0:
             self._open_counts[fh] = left
 
-    def _drop_cache_soon(self, inodes: set[int]) -> None:
-        """Drop the kernel's cached pages of `inodes` without waiting for it.
+    # -- a watched live source ------------------------------------------------
 
-        Invalidation waits for pages still locked by readahead, whose data
-        this very loop has yet to send: it must run in a thread, never in a
-        request handler.
-        """
-        trio.lowlevel.spawn_system_task(self._drop_cache, inodes)
-
-    async def _drop_cache(self, inodes: set[int]) -> None:
-        await trio.to_thread.run_sync(
-            self._invalidate, inodes, limiter=self._drop_limiter, abandon_on_cancel=True
-        )
-
-    def _invalidate(self, inodes: set[int]) -> None:
-        for ino in inodes:
+    async def watch_changes(self) -> None:
+        """Forget what each burst of the live source's changes touched, until cancelled."""
+        watcher = self.changes
+        while True:
+            await trio.lowlevel.wait_readable(watcher.fileno())
+            await trio.sleep(CHANGE_BATCH)
             try:
-                pyfuse3.invalidate_inode(self._to_node(ino), False)
-            except Exception as e:  # noqa: BLE001 - a missed invalidation only costs memory
-                log.debug("cannot drop cached pages of inode %d: %s", ino, e)
+                changes = watcher.read()
+            except OSError as e:
+                log.warning("reading the change watcher failed: %s", e)
+                changes = None
+            if changes is not None and not changes:
+                continue
+            try:
+                if changes is None:
+                    raise ValueError("changes lost")
+                inv = self.view.apply_changes(changes.inodes, changes.names, changes.everything)
+            except Exception as e:  # noqa: BLE001 - forgetting everything is always correct
+                log.warning("live source changes: %s; forgetting everything", e)
+                inv = self.view.apply_changes(set(), {}, True)
+            if inv.inodes or inv.entries:
+                await trio.to_thread.run_sync(self._invalidate_changed, inv, abandon_on_cancel=True)
+
+    def _invalidate_changed(self, inv: Any) -> None:
+        """The kernel forgets changed entries, then changed attributes and pages.
+
+        Names the kernel never looked up, and inodes it does not hold,
+        answer ENOENT: nothing to forget.
+        """
+        for parent, name in inv.entries:
+            try:
+                pyfuse3.invalidate_entry(self._notify_node(parent), name)
+            except Exception as e:  # noqa: BLE001 - not cached, or gone meanwhile
+                log.debug("invalidate entry %d/%r: %s", parent, name, e)
+        for ino in inv.inodes:
+            try:
+                pyfuse3.invalidate_inode(self._notify_node(ino), False)
+            except Exception as e:  # noqa: BLE001 - not cached, or gone meanwhile
+                log.debug("invalidate inode %d: %s", ino, e)
+
+    def _notify_node(self, ino: int) -> int:
+        if ino == pyfuse3.ROOT_INODE:
+            raise ValueError("ext4 inode 1 is never in the view")
+        return self._to_node(ino)
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -508,7 +556,11 @@ def _set_read_ahead(mountpoint: str) -> None:
         log.debug("cannot raise readahead of %s: %s", mountpoint, e)
 
 
-async def _serve(mountpoint: str, on_ready: Callable[[], None] | None) -> None:
+async def _serve(
+    mountpoint: str,
+    on_ready: Callable[[], None] | None,
+    watch: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signal() -> None:
@@ -526,6 +578,8 @@ async def _serve(mountpoint: str, on_ready: Callable[[], None] | None) -> None:
 
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(announce)
+        if watch is not None:
+            nursery.start_soon(watch)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -542,7 +596,11 @@ def serve(
     end the loop and unmount; `fusermount3 -u` ends the loop from outside.
     """
     pyfuse3.init(ops, mountpoint, options)
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
-        trio.run(_serve, mountpoint, on_ready)
+        watch = ops.watch_changes if ops.changes is not None else None
+        trio.run(_serve, mountpoint, on_ready, watch)
     finally:
         pyfuse3.close(unmount=True)
+        if ops.changes is not None:
+            ops.changes.close()

@@ -20,7 +20,11 @@ class LRU:
     Each entry is charged the `size` given when it was put, and exactly that
     is taken off again when it is replaced or evicted, so the byte count
     always equals what is held.  Any value may be cached, None included:
-    `get` tells a miss by its `default`.
+    `get` tells a miss by its `default`.  The value just put is always
+    kept: one charged more than the whole byte bound evicts every other and
+    stays alone, so a caller that needs it again soon (a directory bigger
+    than the bound, still being read) finds it, and what is held never
+    exceeds the bound or that one value.
     """
 
     def __init__(self, max_items: int, max_bytes: int | None = None) -> None:
@@ -45,11 +49,41 @@ class LRU:
                 self._bytes -= old[1]
             self._d[key] = (value, size)
             self._bytes += size
-            while len(self._d) > self._max_items or (
-                self._max_bytes is not None and self._bytes > self._max_bytes and self._d
+            while len(self._d) > 1 and (
+                len(self._d) > self._max_items
+                or (self._max_bytes is not None and self._bytes > self._max_bytes)
             ):
                 _, (_value, dropped) = self._d.popitem(last=False)
                 self._bytes -= dropped
+
+    def put_many(self, items: list[tuple[Hashable, Any]]) -> None:
+        """Put several (key, value) pairs of size 0 under one lock."""
+        with self._lock:
+            d = self._d
+            for key, value in items:
+                old = d.pop(key, None)
+                if old is not None:
+                    self._bytes -= old[1]
+                d[key] = (value, 0)
+            while len(d) > self._max_items or (
+                self._max_bytes is not None and self._bytes > self._max_bytes and d
+            ):
+                _, (_value, dropped) = d.popitem(last=False)
+                self._bytes -= dropped
+
+    def pop(self, key: Hashable, default: Any = None) -> Any:
+        """Remove `key` (a live source changed it) and answer its value, or `default`."""
+        with self._lock:
+            item = self._d.pop(key, _MISSING)
+            if item is _MISSING:
+                return default
+            self._bytes -= item[1]
+            return item[0]
+
+    def keys(self) -> list[Hashable]:
+        """A snapshot of the keys held, least recently used first."""
+        with self._lock:
+            return list(self._d)
 
     @property
     def bytes(self) -> int:

@@ -36,6 +36,19 @@ XATTR_FSCRYPT_SIZE = b"user.fscrypt.size"
 XATTR_FSCRYPT_BLOCK_SIZE = b"user.fscrypt.block_size"
 XATTR_FSCRYPT_INO = b"user.fscrypt.ino"
 XATTR_FSCRYPT_FS_UUID = b"user.fscrypt.fs_uuid"
+XATTR_FSCRYPT_DIRHASH = b"user.fscrypt.dirhash"
+
+DIRHASH_ALGORITHMS = (
+    "legacy",
+    "half_md4",
+    "tea",
+    "legacy_unsigned",
+    "half_md4_unsigned",
+    "tea_unsigned",
+)
+"""The names user.fscrypt.dirhash gives the directory hash algorithms (those
+of e2fsprogs), indexed by the kernel's DX_HASH_* number; the _unsigned ones
+are what a filesystem with EXT2_FLAGS_UNSIGNED_HASH uses."""
 
 SYMLINK_PREFIX = b"fscrypt:1:"
 """An encrypted symlink whose target carries its context and ciphertext."""
@@ -131,10 +144,38 @@ def encode_inode_xattrs(
     return out
 
 
-def encode_dir_xattrs(block_size: int) -> dict[bytes, bytes]:
-    """What every directory of an encrypting filesystem carries: the block size,
-    once per directory, so that it reaches the backup of any subtree."""
-    return {XATTR_FSCRYPT_BLOCK_SIZE: encode_decimal(block_size)}
+def encode_dir_xattrs(
+    block_size: int, dirhash: tuple[int, bytes] | None = None
+) -> dict[bytes, bytes]:
+    """What every directory of an encrypting filesystem carries, once per
+    directory so that it reaches the backup of any subtree: the block size,
+    and `dirhash`, (hash version, s_hash_seed), on which the hash inside
+    every no-key name depends.  A version the format has no name for (SipHash
+    is only ever the casefold hash) is left out."""
+    out = {XATTR_FSCRYPT_BLOCK_SIZE: encode_decimal(block_size)}
+    if dirhash is not None and 0 <= dirhash[0] < len(DIRHASH_ALGORITHMS):
+        out[XATTR_FSCRYPT_DIRHASH] = encode_dirhash(*dirhash)
+    return out
+
+
+def encode_dirhash(version: int, seed: bytes) -> bytes:
+    """`<algorithm> <s_hash_seed as 32 hex digits>`."""
+    if not 0 <= version < len(DIRHASH_ALGORITHMS) or len(seed) != 16:
+        raise ValueError(f"no user.fscrypt.dirhash for hash version {version}")
+    return DIRHASH_ALGORITHMS[version].encode("ascii") + b" " + encode_uuid(seed)
+
+
+def decode_dirhash(value: bytes) -> tuple[int, bytes]:
+    """(DX_HASH_* number, 16-byte seed) of a user.fscrypt.dirhash value.
+
+    Only restore-image uses it; decrypt ignores the attribute, because the
+    plaintext names it writes get their hashes from the new filesystem.
+    """
+    name, sep, seed = value.partition(b" ")
+    algorithms = [a.encode("ascii") for a in DIRHASH_ALGORITHMS]
+    if not sep or name not in algorithms:
+        raise FormatError(f"user.fscrypt.dirhash names no hash algorithm: {value[:40]!r}")
+    return algorithms.index(name), decode_uuid(seed, "user.fscrypt.dirhash seed")
 
 
 @dataclass(frozen=True)

@@ -139,8 +139,9 @@ def view_mount(
     mountpoint: str | os.PathLike[str],
     *,
     options: Sequence[str] = (),
+    extra: Sequence[str | os.PathLike[str]] = (),
 ) -> Iterator[ViewMount]:
-    """`ciphertextfs mount [-o OPTIONS] SOURCE MOUNTPOINT` for the duration of the block.
+    """`ciphertextfs mount [-o OPTIONS] [EXTRA...] SOURCE MOUNTPOINT` for the duration of the block.
 
     Raises RuntimeError with the command's stderr when the mount fails.
     The view answers requests as soon as the block starts.
@@ -150,7 +151,7 @@ def view_mount(
     args: list[str] = []
     if options:
         args += ["-o", ",".join(options)]
-    proc = run_cli("mount", *args, source, mnt)
+    proc = run_cli("mount", *args, *extra, source, mnt)
     pid = None
     try:
         if proc.returncode != 0:

@@ -81,11 +81,15 @@ def test_view_matches_kernel_and_source_unchanged(image: Path, tmp_path: Path) -
         names = os.listdir(v.mountpoint / "many")
         view_acl = harness.run("getfacl", "-n", "-p", v.mountpoint / "d" / "acl")
         root_ls = sorted(os.listdir(v.mountpoint))
-    # On a filesystem that can encrypt, every directory carries the block size.
+    # On a filesystem that can encrypt, every directory carries the block size
+    # and the directory hash (dumpe2fs's names and seed).
+    header = harness.dumpe2fs_header(image)
+    dirhash = f"{header['Default directory hash']} {header['Directory Hash Seed']}"
     for rel, t in list(got.items()):
         if stat.S_ISDIR(t[1]):
             xattrs = dict(t[10])
             assert xattrs.pop("user.fscrypt.block_size") == b"4096", rel
+            assert xattrs.pop("user.fscrypt.dirhash") == dirhash.replace("-", "").encode(), rel
             got[rel] = (*t[:10], tuple(sorted(xattrs.items())))
     assert got == expected
     assert len(names) == len(set(names)) == 1500

@@ -37,3 +37,25 @@ def test_none_can_be_cached() -> None:
     assert c.get("k", miss) is miss
     c.put("k", None)
     assert c.get("k", miss) is None
+
+
+def test_a_value_bigger_than_the_bound_evicts_the_others_and_stays_alone() -> None:
+    c = LRU(10, max_bytes=100)
+    c.put("a", "small", 40)
+    c.put("b", "old", 30)
+    c.put("b", "huge", 101)
+    assert c.get("b") == "huge" and c.get("a") is None
+    assert c.bytes == 101 and len(c) == 1
+    c.put("c", "next", 60)
+    assert c.get("b") is None and c.get("c") == "next" and c.bytes == 60
+
+
+def test_many_big_values_stay_below_the_byte_bound() -> None:
+    c = LRU(1000, max_bytes=1000)
+    for i in range(200):
+        c.put(i, i, 37 + i % 50)
+        assert c.bytes <= 1000
+    held = [k for k in range(200) if c.get(k) is not None]
+    assert held == list(range(200 - len(held), 200)), "the newest are kept"
+    assert c.bytes == sum(37 + k % 50 for k in held)
+    assert c.bytes + 37 + (200 - len(held) - 1) % 50 > 1000, "evicted no more than needed"

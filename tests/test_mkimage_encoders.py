@@ -38,6 +38,7 @@ from ciphertextfs.ext4.xattr import (
     Xattr,
     block_checksum_ok,
     block_entries,
+    ea_inode_entry_hash,
     encode_block,
     encode_ibody,
     entry_hash,
@@ -111,6 +112,27 @@ def test_xattr_block_round_trip_sorted_hashed_and_checksummed() -> None:
     assert not block_checksum_ok(block, 778, seed)
     (h,) = struct.unpack_from("<I", block, 32 + 12)
     assert h == entry_hash(b"ab", bytes(300)) != 0
+
+
+def test_ea_inode_references_parse_back_in_block_and_inode() -> None:
+    """An entry naming an EA inode carries no value here, its size, and the
+    hash fed with the value's crc32c; the reader follows the inode number."""
+    xs = [Xattr(1, b"big", os.urandom(9000)), Xattr(1, b"small", b"1")]
+    refs = {(1, b"big"): (4242, 0xDEADBEEF)}
+    block = encode_block(xs, 4096, 5, None, refs)
+    ibody = bytes(128 + 32) + encode_ibody(xs, 96, refs)
+    for entries, big_at in (
+        (block_entries(block, "t", True), (block, 32)),
+        (ibody_entries(ibody, 32, "t", True), (ibody, 128 + 32 + 4)),
+    ):
+        by_name = {e.name: e for e in entries}
+        big = by_name[b"big"]
+        assert (big.value_inum, big.value_size, big.value) == (4242, 9000, b"")
+        assert by_name[b"small"].value == b"1"
+        (h,) = struct.unpack_from("<I", big_at[0], big_at[1] + 12)
+        assert h == ea_inode_entry_hash(b"big", 0xDEADBEEF) != entry_hash(b"big", b"")
+    with pytest.raises(ValueError):
+        encode_block(xs, 4096, 5, None)
 
 
 def test_directory_blocks_parse_and_verify() -> None:

@@ -63,6 +63,8 @@ def test_protocol_members_are_the_adapters() -> None:
         "root_ino",
         "cache_timeout",
         "live",
+        "watched",
+        "apply_changes",
         "attr",
         "entries",
         "damage",

@@ -1,9 +1,10 @@
 """`ciphertextfs inspect`: decode the fscrypt metadata of entries of the view or a backup.
 
 Reads only what a backup keeps: the user.fscrypt.* attributes of files and
-directories (and the block size of their directory), the target of encrypted
-symlinks, and the no-key name of an entry of an encrypted directory (with its
-side file for long names and long symlink targets).  No key is needed.  An
+directories (and the block size of their directory; a directory's hash
+algorithm and seed), the target of encrypted symlinks, and the no-key name of
+an entry of an encrypted directory (with its side file for long names and
+long symlink targets).  No key is needed.  An
 entry of an encrypted directory that has no context of its own is reported
 as "context missing": its xattrs were lost on the way into the backup.
 """
@@ -16,6 +17,7 @@ import json
 import os
 import stat
 import sys
+import uuid
 from typing import Any
 
 import xattr
@@ -89,10 +91,13 @@ def inspect_path(path: str) -> dict[str, Any]:
     from ciphertextfs.fscrypt.errors import FscryptError
     from ciphertextfs.fscrypt.nokey import base64url_encode, parse_nokey_name
     from ciphertextfs.viewformat import (
+        DIRHASH_ALGORITHMS,
         SIDE_FILE_NAME,
         SYMLINK_REF_PREFIX,
         XATTR_FSCRYPT_CONTEXT,
+        XATTR_FSCRYPT_DIRHASH,
         FormatError,
+        decode_dirhash,
         decode_symlink,
         decode_xattrs,
         is_encrypted_symlink_target,
@@ -146,7 +151,17 @@ def inspect_path(path: str) -> dict[str, Any]:
             else:
                 info["symlink"] = {"target": os.fsdecode(target)}
         else:
-            attrs = decode_xattrs(_xattrs(path), regular=stat.S_ISREG(st.st_mode))
+            own = _xattrs(path)
+            if XATTR_FSCRYPT_DIRHASH in own:
+                try:
+                    version, seed = decode_dirhash(own[XATTR_FSCRYPT_DIRHASH])
+                    info["dirhash"] = {
+                        "algorithm": DIRHASH_ALGORITHMS[version],
+                        "seed": str(uuid.UUID(bytes=seed)),
+                    }
+                except FormatError as e:
+                    problems.append(str(e))
+            attrs = decode_xattrs(own, regular=stat.S_ISREG(st.st_mode))
             if attrs.block_size is None and stat.S_ISREG(st.st_mode):
                 # Format 2 gives the block size to the directory, not the file.
                 attrs = dataclasses.replace(
@@ -201,6 +216,9 @@ def _text(info: dict[str, Any]) -> str:
         else:
             text = "long, NOT in the directory's side file"
         lines.append(f"  name: no-key, dirhash {n['dirhash']}/{n['minor_hash']}, {text}")
+    if "dirhash" in info:
+        d = info["dirhash"]
+        lines.append(f"  directory hash: {d['algorithm']}, seed {d['seed']}")
     s = info.get("symlink")
     if s:
         if "target" in s:

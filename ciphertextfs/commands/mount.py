@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ciphertextfs")
 
+#: Set to 1, the view of a live source does not watch its changes and
+#: forgets everything every second instead (the fallback where fanotify
+#: is not available).
+NO_WATCH_ENV = "CIPHERTEXTFS_NO_WATCH"
+
 #: -o options: name -> help.  ro and default_permissions are always on and
 #: accepted only so that fstab-style option lists work unchanged.
 MOUNT_OPTIONS = {
@@ -93,10 +98,13 @@ SOURCE is one of:
     directory source rooted at the filesystem's root)
   - a directory inside a mounted ext4 filesystem: the view shows that
     directory's tree, read from the filesystem's block device.  The
-    filesystem is synced (syncfs) first and then at most once a second
-    while the view is used, so changes show within about a second; files
-    changing during the backup may be seen in an intermediate state, so
-    prefer a snapshot for consistency.
+    filesystem is synced (syncfs) first; then its changes are watched
+    (fanotify) and the view forgets exactly what changed, syncing again
+    before it reads a changed file, so changes show within about a
+    second.  Where fanotify is unavailable, the view forgets everything
+    and syncs at most once a second instead.  Files changing during the
+    backup may be seen in an intermediate state, so prefer a snapshot for
+    consistency.
 
 SOURCE is only ever opened read-only.  Reading a block device needs the
 privileges to open it (usually root).  The view enforces the original file
@@ -313,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
         from ciphertextfs.source import sync_directory
 
         sync = functools.partial(sync_directory, source.directory)
-    view = View(fs, source.root_ino, live=source.live, sync=sync)
+    changes = watch_changes(source.directory) if source.live else None
+    view = View(fs, source.root_ino, live=source.live, sync=sync, watched=changes is not None)
     try:
         root = view.attr(source.root_ino)
     except Exception as e:  # noqa: BLE001 - any failure here is the source's fault
@@ -324,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: warning: {args.source}: {warning}", file=sys.stderr)
     view = with_fscrypt_metadata(view, fs, source.root_ino, args)
 
-    ops = CiphertextOperations(view, statvfs_path=source.directory)
+    ops = CiphertextOperations(view, statvfs_path=source.directory, changes=changes)
     opts = fuse_options(
         os.path.abspath(args.source), allow_other="allow_other" in options, debug=debug
     )
@@ -334,6 +343,25 @@ def run(args: argparse.Namespace) -> int:
     if foreground:
         return serve_foreground(ops, mountpoint, opts)
     return serve_background(ops, mountpoint, opts, args.log)
+
+
+def watch_changes(directory: str | None) -> Any:
+    """A fanotify watcher of the live source's filesystem, or None (logged) for the fallback."""
+    from ciphertextfs.live import ChangeWatcher
+
+    if directory is None:
+        why = "no mount point"
+    elif os.environ.get(NO_WATCH_ENV) == "1":
+        why = f"{NO_WATCH_ENV}=1"
+    else:
+        try:
+            return ChangeWatcher.open(directory)
+        except OSError as e:
+            why = str(e)
+    log.warning(
+        "live source: changes cannot be watched (%s); caches expire every second instead", why
+    )
+    return None
 
 
 def log_summary(ops: Any, mountpoint: str) -> None:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import stat
 import sys
+import tempfile
 import time
+from typing import BinaryIO
 
 from ciphertextfs import EXIT_OK, EXIT_PARTIAL, PROG
 from ciphertextfs.commands import CommandError, exit_status_help
@@ -27,13 +31,17 @@ contexts, contents (all-zero data units become holes), real sizes and
 symlinks are written as they were on disk; inode numbers are kept where a
 policy needs them.  Modes, owners, times, xattrs and POSIX ACLs come back.
 
-Locked directories list the same no-key names as on the old disk only with
-the old directory hash seed (-E hash_seed=UUID, from `dumpe2fs -h` of the
-old disk, if it can still be read): the hash at the start of a no-key name
-depends on it.  The names themselves, locked or unlocked, are the same.
+Locked directories list the same no-key names as on the old disk: the
+directory hash seed and algorithm they depend on travel with the backup
+(user.fscrypt.dirhash) and are given to the new filesystem.  A backup made
+before they did gets a new seed: the hash at the start of each no-key name
+then differs unless -E hash_seed=UUID (dumpe2fs -h of the old disk) is
+given, which always takes precedence.
 
-The backup is read twice (to size the filesystem, then for the contents),
-so a tar archive must be given as a file, not on standard input.
+The backup is read twice (to size the filesystem, then for the contents).
+An archive on standard input ("-") is first copied to $TMPDIR, else
+/var/tmp, into a file without a name that disappears when restore-image
+ends; the copy needs room for the whole archive.
 
 Every entry that cannot be written is reported on stderr ("not restored:
 PATH: REASON") and left out; the filesystem stays consistent (e2fsck -fn)."""
@@ -95,11 +103,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPTIONS",
-        help="extra mke2fs -E options (repeatable), e.g. hash_seed=UUID",
+        help="extra mke2fs -E options (repeatable); hash_seed=UUID overrides the backup's",
     )
     p.add_argument("-L", "--label", metavar="LABEL", help="volume label")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
-    p.add_argument("source", metavar="SOURCE", help="backup directory or tar archive")
+    p.add_argument(
+        "source", metavar="SOURCE", help='backup directory or tar archive ("-": standard input)'
+    )
     p.add_argument("target", metavar="TARGET", help="image file or block device")
     p.set_defaults(run=run)
     return p
@@ -121,26 +131,29 @@ def run(args: argparse.Namespace) -> int:
         extended=[o for arg in args.extended for o in arg.split(",") if o],
         label=args.label,
     )
-    if args.source == "-":
-        raise CommandError(
-            "restore-image reads the backup twice (once to size the filesystem): "
-            "give the archive as a file, not on standard input",
-        )
+    spool = None
+    source = args.source
+    if source == "-":
+        spool, source = _spool_stdin(args.quiet)
     try:
-        backup = open_backup(args.source)
-    except BackupError as e:
-        raise CommandError(str(e)) from None
-    existed = os.path.lexists(args.target)
-    with backup:
-        plan = Planner(backup, report).run()
         try:
-            make_filesystem(plan, args.target, opts)
-            ImageWriter(plan, args.target, report, lambda: open_backup(args.source)).run()
-        except (TargetError, Ext2Error, OSError, BackupError) as e:
-            if not existed and os.path.isfile(args.target):
-                os.unlink(args.target)
-            msg = str(e) if isinstance(e, TargetError) else f"{args.target}: {e}"
-            raise CommandError(msg) from None
+            backup = open_backup(source)
+        except BackupError as e:
+            raise CommandError(str(e)) from None
+        existed = os.path.lexists(args.target)
+        with backup:
+            plan = Planner(backup, report).run()
+            try:
+                make_filesystem(plan, args.target, opts)
+                ImageWriter(plan, args.target, report, lambda: open_backup(source)).run()
+            except (TargetError, Ext2Error, OSError, BackupError) as e:
+                if not existed and os.path.isfile(args.target):
+                    os.unlink(args.target)
+                msg = str(e) if isinstance(e, TargetError) else f"{args.target}: {e}"
+                raise CommandError(msg) from None
+    finally:
+        if spool is not None:
+            spool.close()
     report._clear()
     if not args.quiet:
         from ciphertextfs.restore.report import _human
@@ -152,4 +165,39 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    return EXIT_PARTIAL if report.failed else EXIT_OK
+    return EXIT_PARTIAL if report.failed or plan.warnings else EXIT_OK
+
+
+def _spool_stdin(quiet: bool) -> tuple[BinaryIO | None, str]:
+    """A path that reads standard input from its start, as often as needed.
+
+    A regular file redirected to standard input is read in place.  A pipe is
+    copied into an unnamed file (O_TMPFILE, or unlinked at once), so that no
+    copy is left behind however restore-image ends; /proc/self/fd reopens it
+    from the start for each read.
+    """
+    if stat.S_ISREG(os.fstat(0).st_mode):
+        return None, "/proc/self/fd/0"
+    if os.isatty(0):
+        raise CommandError("SOURCE is - but standard input is a terminal")
+    where = os.environ.get("TMPDIR") or "/var/tmp"
+    if not quiet:
+        print(
+            f"{PROG} restore-image: copying standard input to {where} (the backup is read "
+            "twice; set TMPDIR to choose where)",
+            file=sys.stderr,
+            flush=True,
+        )
+    spool = None
+    try:
+        spool = tempfile.TemporaryFile(dir=where, prefix="ciphertextfs-restore-image-")
+        shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+        spool.flush()
+    except OSError as e:
+        if spool is not None:
+            spool.close()
+        raise CommandError(
+            f"cannot copy standard input to {where}: {e.strerror or e}; set TMPDIR to a "
+            "directory with room for the whole archive, or give the archive as a file"
+        ) from None
+    return spool, f"/proc/self/fd/{spool.fileno()}"

@@ -192,6 +192,83 @@ def dx_root_hash_version(block: bytes) -> int:
     return block[_DX_ROOT_HASH_VERSION]
 
 
+DX_BLOCK_MASK = 0x0FFFFFFF
+"""dx_entry.block keeps its top four bits for flags the kernel masks off (dx_get_block)."""
+EXT4_HTREE_LEVEL_COMPAT = 2
+EXT4_HTREE_LEVEL = 3  # with largedir
+DX_ROOT_INFO_LEN = 8
+
+
+@dataclass(frozen=True, slots=True)
+class DxRoot:
+    """What a lookup needs of block 0 of an indexed directory."""
+
+    hash_version: int
+    indirect_levels: int
+    count_offset: int
+
+
+def parse_dx_root(block: bytes, max_levels: int) -> DxRoot:
+    """Check a dx_root as the kernel's dx_probe does before trusting it.
+
+    The fake "." (rec_len 12) and ".." (to the end of the block) entries,
+    dx_root_info's reserved flag, its info_length and its depth are checked;
+    any surprise is a CorruptError: the caller then reads the directory
+    linearly, as ext4 does on ERR_BAD_DX_DIR.
+    """
+    bs = len(block)
+    if bs < DX_ROOT_COUNT_OFFSET + 4:
+        raise CorruptError("dx_root too short")
+    _ino, dot_len, _nl, _ft = _DIRENT.unpack_from(block, 0)
+    _ino2, dotdot_len, _nl2, _ft2 = _DIRENT.unpack_from(block, 12)
+    if rec_len_from_disk(dot_len, bs) != 12 or rec_len_from_disk(dotdot_len, bs) != bs - 12:
+        raise CorruptError("dx_root without its fake dot entries")
+    _zero, hash_version, info_length, levels, flags = DX_ROOT_INFO.unpack_from(
+        block, DX_ROOT_INFO_OFFSET
+    )
+    if flags & 1:
+        raise CorruptError(f"dx_root: unimplemented hash flags {flags:#x}")
+    if info_length != DX_ROOT_INFO_LEN:
+        raise CorruptError(f"dx_root: info_length {info_length}")
+    if levels >= max_levels:
+        raise CorruptError(f"dx_root: depth {levels} beyond {max_levels - 1}")
+    return DxRoot(hash_version, levels, DX_ROOT_INFO_OFFSET + info_length)
+
+
+def dx_entries(block: bytes, count_offset: int, limit: int) -> list[tuple[int, int]]:
+    """The (hash, block) pairs of a dx root or node, the first hash being 0.
+
+    The stored limit must be the one the block size implies and the count
+    within it, as dx_probe checks; hashes must not decrease, or a binary
+    search over them would land anywhere.
+    """
+    if count_offset + 4 > len(block):
+        raise CorruptError("dx block too short for its count")
+    stored_limit, count = _COUNTLIMIT.unpack_from(block, count_offset)
+    if stored_limit != limit:
+        raise CorruptError(f"dx limit {stored_limit} where {limit} belongs")
+    if not 0 < count <= limit or count_offset + 8 * count > len(block):
+        raise CorruptError(f"dx count {count} (limit {limit})")
+    first = struct.unpack_from("<I", block, count_offset + 4)[0]
+    rest = struct.unpack_from(f"<{2 * (count - 1)}I", block, count_offset + 8)
+    hashes = rest[0::2]
+    if list(hashes) != sorted(hashes):
+        raise CorruptError("dx hashes out of order")
+    return [(0, first), *zip(hashes, rest[1::2], strict=True)]
+
+
+def dx_probe_at(entries: list[tuple[int, int]], hash_: int) -> int:
+    """Index of the last entry whose hash is <= `hash_` (entry 0 covers from 0)."""
+    lo, hi = 1, len(entries) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if entries[mid][0] > hash_:
+            hi = mid - 1
+        else:
+            lo = mid + 1
+    return lo - 1
+
+
 # -- encoding (the image writer) ----------------------------------------------
 
 

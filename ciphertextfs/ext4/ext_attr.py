@@ -17,7 +17,7 @@ from .xattr import Xattr
 if TYPE_CHECKING:
     from .fs import Filesystem
 
-__all__ = ["read_xattrs", "MAX_XATTR_VALUES"]
+__all__ = ["find_xattr", "read_xattrs", "MAX_XATTR_VALUES"]
 
 MAX_XATTR_VALUES = 16 << 20
 
@@ -56,3 +56,26 @@ def _ea_inode_value(fs: Filesystem, owner: Inode, e: _xattr.RawEntry) -> bytes:
     if ea.i_size != e.value_size:
         raise CorruptError(f"{what} has size {ea.i_size}, expected {e.value_size}")
     return fs.files.read(ea, 0, e.value_size)
+
+
+def find_xattr(fs: Filesystem, inode: Inode, name_index: int, name: bytes) -> bytes | None:
+    """One xattr's value, or None: the inode body first, the EA block only when needed.
+
+    What ext4 writes with the inode (the fscrypt context above all) is found
+    without reading the EA block; anything else costs what `read_xattrs`
+    costs, and fails as it fails.
+    """
+    what = f"inode {inode.ino}"
+    ea_inode = fs.ea_inode_feature
+    for e in _xattr.ibody_entries(inode.raw, inode.i_extra_isize, what, ea_inode):
+        if e.name_index == name_index and e.name == name:
+            if not e.value_inum:
+                return e.value
+            break
+    else:
+        if not inode.i_file_acl:
+            return None
+    for x in read_xattrs(fs, inode):
+        if x.name_index == name_index and x.name == name:
+            return x.value
+    return None

@@ -105,6 +105,11 @@ class FileData:
     def clear(self) -> None:
         self._maps.clear()
 
+    def forget(self, ino: int) -> list[int]:
+        """Drop the cached mappings of inode `ino`; answer the tree blocks they were read from."""
+        cached = self._maps.pop(ino)
+        return [] if cached is None else cached[1][2]
+
     def is_fast_symlink(self, inode: Inode) -> bool:
         """As the kernel's ext4_inode_is_fast_symlink()."""
         if not inode.is_symlink:
@@ -130,12 +135,24 @@ class FileData:
         """Every mapped extent of the file, sorted by logical block."""
         return list(self._mappings(inode)[0])
 
-    def _mappings(self, inode: Inode) -> tuple[list[Mapping], list[int]]:
-        key = (inode.ino, inode.i_generation, inode.i_flags, inode.i_size, inode.i_block)
-        cached = self._maps.get(key)
-        if cached is not None:
-            return cached
+    def _mappings(self, inode: Inode) -> tuple[list[Mapping], list[int], list[int]]:
+        """(mappings, their first logical blocks, the tree blocks read for them).
+
+        The tree blocks are kept so that a live source's changed file can
+        drop them from the block cache along with its mappings.
+        """
+        # Cached per inode number, valid while what the mappings derive from stays.
+        key = (inode.i_generation, inode.i_flags, inode.i_size, inode.i_block)
+        cached = self._maps.get(inode.ino)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         fs = self.fs
+        tree: list[int] = []
+
+        def read_block(pblk: int) -> bytes:
+            tree.append(pblk)
+            return fs.read_block(pblk)
+
         maps: list[Mapping]
         what = f"inode {inode.ino}"
         if (
@@ -147,7 +164,7 @@ class FileData:
         elif inode.has_extents:
             maps = extent_mappings(
                 inode.i_block,
-                fs.read_block,
+                read_block,
                 block_size=fs.block_size,
                 limits=fs.limits,
                 csum_seed=fs.inode_csum_seed(inode),
@@ -157,25 +174,30 @@ class FileData:
         else:
             maps = blockmap_mappings(
                 inode.i_block,
-                fs.read_block,
+                read_block,
                 block_size=fs.block_size,
                 limits=fs.limits,
                 max_lblk=-(-inode.i_size // fs.block_size),
                 what=what,
             )
-        result = (maps, [m.lblk for m in maps])
-        self._maps.put(key, result)
+        result = (maps, [m.lblk for m in maps], tree)
+        self._maps.put(inode.ino, (key, result))
         return result
 
     def first_block(self, inode: Inode) -> int | None:
         """The physical block behind logical block 0, None unless it is written."""
-        maps, _ = self._mappings(inode)
+        maps, _, _ = self._mappings(inode)
         if not maps or maps[0].lblk != 0 or maps[0].unwritten:
             return None
         return maps[0].pblk
 
+    def block_at(self, inode: Inode, lblk: int) -> int | None:
+        """The physical block behind logical block `lblk`, None unless it is written."""
+        runs = self.runs(inode, lblk, lblk + 1)
+        return runs[0].pblk if runs else None
+
     def runs(self, inode: Inode, first: int, last: int) -> list[Run]:
-        maps, starts = self._mappings(inode)
+        maps, starts, _ = self._mappings(inode)
         return merge_runs(maps, starts, first, last)
 
     def read(self, inode: Inode, offset: int, length: int) -> bytes:

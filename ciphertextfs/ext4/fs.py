@@ -14,6 +14,7 @@ filesystem is worth more than none.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 
 from ciphertextfs.lru import LRU
 
@@ -21,7 +22,7 @@ from .blockdev import BlockSource
 from .directory import Directories, ReaddirHash
 from .dirent import DirEntry
 from .errors import CorruptError, Ext4Error, NotExt4Error
-from .ext_attr import read_xattrs
+from .ext_attr import find_xattr, read_xattrs
 from .extents import BlockRange, Mapping
 from .fileio import FileData
 from .inode import (
@@ -84,6 +85,9 @@ class Filesystem:
         self.limits = BlockRange(sb.s_first_data_block, sb.blocks_count)
         #: The filesystem's metadata checksum seed, None without metadata_csum.
         self.csum_seed: int | None = sb.csum_seed if sb.metadata_csum else None
+        self._group_count = sb.group_count
+        self._inode_size = sb.inode_size
+        self._table_blocks = -(-(sb.s_inodes_per_group * sb.inode_size) // self.block_size)
 
     # -- opening ----------------------------------------------------------
 
@@ -192,6 +196,29 @@ class Filesystem:
             cache.clear()
         self.files.clear()
 
+    def forget_inode(self, ino: int) -> None:
+        """Forget what is cached of one inode that a mounted ext4 has changed.
+
+        The inode, the inode table block that holds it, its xattr block and
+        its block mappings with the tree blocks they were read from: every
+        block of its metadata that is cached.  Directory blocks are never
+        cached here.
+        """
+        old = self._inodes.pop(ino)
+        if old is not None and old.i_file_acl:
+            self._blocks.pop(old.i_file_acl)
+        for pblk in self.files.forget(ino):
+            self._blocks.pop(pblk)
+        sb = self.sb
+        if not 1 <= ino <= sb.s_inodes_count:
+            return
+        group, index = divmod(ino - 1, sb.s_inodes_per_group)
+        try:
+            gd = self.group_desc(group)
+        except CorruptError:
+            return
+        self._blocks.pop(gd.bg_inode_table + index * sb.inode_size // self.block_size)
+
     def close(self) -> None:
         self.source.close()
 
@@ -240,7 +267,7 @@ class Filesystem:
     def group_desc(self, group: int) -> GroupDesc:
         """Descriptor of one block group (checksum mismatches are warnings)."""
         sb = self.sb
-        if not 0 <= group < sb.group_count:
+        if not 0 <= group < self._group_count:
             raise CorruptError(f"group {group} does not exist")
         gd = self._gdescs.get(group)
         if gd is not None:
@@ -262,21 +289,54 @@ class Filesystem:
         cached = self._inodes.get(ino)
         if cached is not None:
             return cached
+        blk, off = self._inode_place(ino)
+        inode = self._parse_inode(ino, self.read_block(blk), off)
+        self._inodes.put(ino, inode)
+        return inode
+
+    def inodes(self, inos: Sequence[int]) -> list[Inode | None]:
+        """Several inodes at once, each inode table block looked up once for all of them.
+
+        None where an inode cannot be read (damaged, or an I/O error): its
+        own `inode` call says why.
+        Consecutive numbers share table blocks, so a caller sorts them.
+        """
+        out: list[Inode | None] = []
+        fresh = []
+        block_nr = -1
+        block = b""
+        for ino in inos:
+            inode = self._inodes.get(ino)
+            if inode is None:
+                try:
+                    blk, off = self._inode_place(ino)
+                    if blk != block_nr:
+                        block, block_nr = self.read_block(blk), blk
+                    inode = self._parse_inode(ino, block, off)
+                except (CorruptError, OSError):
+                    block_nr = -1
+                else:
+                    fresh.append((ino, inode))
+            out.append(inode)
+        self._inodes.put_many(fresh)
+        return out
+
+    def _inode_place(self, ino: int) -> tuple[int, int]:
+        """(block, offset in it) of inode `ino` in its group's inode table."""
         sb = self.sb
         if not 1 <= ino <= sb.s_inodes_count:
             raise CorruptError(f"inode {ino} out of range")
         group, index = divmod(ino - 1, sb.s_inodes_per_group)
         gd = self.group_desc(group)
-        isz = sb.inode_size
-        table_blocks = -(-(sb.s_inodes_per_group * isz) // self.block_size)
-        if not self.limits.valid(gd.bg_inode_table, table_blocks):
+        if not self.limits.valid(gd.bg_inode_table, self._table_blocks):
             raise CorruptError(f"inode {ino}: group {group} inode table outside the filesystem")
-        blk, off = divmod(index * isz, self.block_size)
-        block = self.read_block(gd.bg_inode_table + blk)
-        inode = parse_inode(sb, ino, block[off : off + isz])
+        blk, off = divmod(index * self._inode_size, self.block_size)
+        return gd.bg_inode_table + blk, off
+
+    def _parse_inode(self, ino: int, block: bytes, off: int) -> Inode:
+        inode = parse_inode(self.sb, ino, block[off : off + self._inode_size])
         if self.csum_seed is not None and not inode_checksum_ok(inode, self.csum_seed):
             self.warn(f"inode {ino}: checksum mismatch")
-        self._inodes.put(ino, inode)
         return inode
 
     def inode_csum_seed(self, inode: Inode) -> int | None:
@@ -317,9 +377,23 @@ class Filesystem:
         """The dx_root's hash version of an indexed directory, else None."""
         return self.dirs.dx_root_hash_version(inode)
 
+    @property
+    def default_dirhash(self) -> tuple[int, bytes]:
+        return self.dirs.default_hash()
+
     def readdir_hash(self, inode: Inode) -> ReaddirHash:
         """The (hash, minor hash) the kernel's readdir passes for each entry."""
         return self.dirs.readdir_hash(inode)
+
+    def dx_find(
+        self,
+        inode: Inode,
+        name: bytes | None,
+        hash_: int | None,
+        match: Callable[[DirEntry], bool],
+    ) -> DirEntry | None:
+        """One entry through the htree (see Directories.dx_find; IndexInconclusive)."""
+        return self.dirs.dx_find(inode, name, hash_, match)
 
     def read_dir(self, inode: Inode) -> list[DirEntry]:
         """All sound entries of a directory except "." and "..", in on-disk order."""
@@ -332,3 +406,7 @@ class Filesystem:
     def xattrs(self, inode: Inode) -> list[Xattr]:
         """In-inode xattrs, then those of the EA block, EA inode values resolved."""
         return read_xattrs(self, inode)
+
+    def xattr(self, inode: Inode, name_index: int, name: bytes) -> bytes | None:
+        """One xattr's value or None, reading the EA block only when the body lacks it."""
+        return find_xattr(self, inode, name_index, name)

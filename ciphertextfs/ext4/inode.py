@@ -63,11 +63,22 @@ _OFF_CHECKSUM_LO = 0x7C
 
 _BASE = struct.Struct("<HHIIIIIHHII4x60sIIII")
 _OSD2 = struct.Struct("<HHHHHH")
+_BASE_OSD2 = struct.Struct("<HHIIIIIHHII4x60sIIIIHHHHHH")  # both, the 128-byte base inode
+_EXTRA = struct.Struct("<HHIIIIIII")  # i_extra_isize .. i_projid
+_EXTRA_ALL = _OFF_PROJID + 4 - EXT4_GOOD_OLD_INODE_SIZE  # i_extra_isize covering all of _EXTRA
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_INO_GEN = struct.Struct("<II")
+_OFF_OSD1 = 0x24  # l_i_version
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Inode:
-    """One parsed inode.  `raw` keeps the on-disk bytes for the in-inode xattrs."""
+    """One parsed inode.  `raw` keeps the on-disk bytes for the in-inode xattrs.
+
+    Never assigned to once parsed, but not frozen: a frozen dataclass is
+    much slower to build, and a listing builds one per entry.
+    """
 
     ino: int
     i_mode: int
@@ -164,88 +175,107 @@ def parse_inode(sb: Superblock, ino: int, raw: bytes) -> Inode:
         acl_lo,
         size_hi,
         _faddr,
-    ) = _BASE.unpack_from(raw, 0)
-    blocks_hi, acl_hi, uid_hi, gid_hi, _csum_lo, _res = _OSD2.unpack_from(raw, 0x74)
+        blocks_hi,
+        acl_hi,
+        uid_hi,
+        gid_hi,
+        _csum_lo,
+        _res,
+    ) = _BASE_OSD2.unpack_from(raw, 0)
 
     extra_isize = 0
+    ctime_x = mtime_x = atime_x = crtime = crtime_x = None
+    projid = 0
     if isz > EXT4_GOOD_OLD_INODE_SIZE:
-        (extra_isize,) = struct.unpack_from("<H", raw, _OFF_EXTRA_ISIZE)
+        (extra_isize,) = _U16.unpack_from(raw, _OFF_EXTRA_ISIZE)
         if EXT4_GOOD_OLD_INODE_SIZE + extra_isize > isz or extra_isize & 3:
             raise CorruptError(f"inode {ino}: bad i_extra_isize {extra_isize}")
-
-    def extra(off: int) -> int | None:
-        if not _fits(extra_isize, off, 4):
-            return None
-        return struct.unpack_from("<I", raw, off)[0]
+        if extra_isize >= _EXTRA_ALL:
+            _x, _c, ctime_x, mtime_x, atime_x, crtime, crtime_x, _v, projid = _EXTRA.unpack_from(
+                raw, _OFF_EXTRA_ISIZE
+            )
+        else:
+            ctime_x = _extra(raw, extra_isize, _OFF_CTIME_EXTRA)
+            mtime_x = _extra(raw, extra_isize, _OFF_MTIME_EXTRA)
+            atime_x = _extra(raw, extra_isize, _OFF_ATIME_EXTRA)
+            crtime = _extra(raw, extra_isize, _OFF_CRTIME)
+            crtime_x = _extra(raw, extra_isize, _OFF_CRTIME_EXTRA)
 
     crtime_ns = None
-    crtime = extra(_OFF_CRTIME)
     if crtime is not None:
-        crtime_ns = _time_ns(crtime, extra(_OFF_CRTIME_EXTRA))
+        crtime_ns = _time_ns(crtime, crtime_x)
 
     size = size_lo
-    if stat.S_ISREG(mode) or sb.has_incompat(INCOMPAT_LARGEDIR):
+    if mode & 0o170000 == stat.S_IFREG or sb.s_feature_incompat & INCOMPAT_LARGEDIR:
         size |= size_hi << 32
     if size >= 1 << 63:
         raise CorruptError(f"inode {ino}: negative i_size")
 
     i_blocks = blocks_lo
-    if sb.has_ro_compat(RO_COMPAT_HUGE_FILE):
+    if sb.s_feature_ro_compat & RO_COMPAT_HUGE_FILE:
         i_blocks |= blocks_hi << 32
         if flags & EXT4_HUGE_FILE_FL:
             i_blocks *= sb.block_size // 512
 
     file_acl = acl_lo
-    if sb.has_incompat(INCOMPAT_64BIT):
+    if sb.s_feature_incompat & INCOMPAT_64BIT:
         file_acl |= acl_hi << 32
 
     rdev = None
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         rdev = _decode_rdev(i_block)
 
-    projid = extra(_OFF_PROJID) or 0
-
     return Inode(
-        ino=ino,
-        i_mode=mode,
-        i_uid=uid_lo | (uid_hi << 16),
-        i_gid=gid_lo | (gid_hi << 16),
-        i_size=size,
-        i_links_count=links,
-        i_flags=flags,
-        i_atime_ns=_time_ns(atime, extra(_OFF_ATIME_EXTRA)),
-        i_mtime_ns=_time_ns(mtime, extra(_OFF_MTIME_EXTRA)),
-        i_ctime_ns=_time_ns(ctime, extra(_OFF_CTIME_EXTRA)),
-        i_crtime_ns=crtime_ns,
-        i_dtime=dtime,
-        i_generation=generation,
-        i_file_acl=file_acl,
-        i_block=i_block,
-        i_extra_isize=extra_isize,
-        i_blocks=i_blocks,
-        i_projid=projid,
-        rdev=rdev,
-        raw=raw,
+        ino,
+        mode,
+        uid_lo | (uid_hi << 16),
+        gid_lo | (gid_hi << 16),
+        size,
+        links,
+        flags,
+        _time_ns(atime, atime_x),
+        _time_ns(mtime, mtime_x),
+        _time_ns(ctime, ctime_x),
+        crtime_ns,
+        dtime,
+        generation,
+        file_acl,
+        i_block,
+        extra_isize,
+        i_blocks,
+        projid,
+        rdev,
+        raw,
     )
+
+
+def _extra(raw: bytes, extra_isize: int, off: int) -> int | None:
+    """A 32-bit field past the base inode, None when i_extra_isize leaves it out."""
+    if not _fits(extra_isize, off, 4):
+        return None
+    return _U32.unpack_from(raw, off)[0]
 
 
 def inode_csum_seed(fs_seed: int, ino: int, generation: int) -> int:
     """Per-inode seed of the inode, extent, directory and dx checksums."""
-    crc = crc32c(fs_seed, struct.pack("<I", ino))
-    return crc32c(crc, struct.pack("<I", generation))
+    return crc32c(fs_seed, _INO_GEN.pack(ino, generation))
 
 
 def inode_checksum_ok(inode: Inode, fs_seed: int) -> bool:
     """Verify the metadata_csum checksum (lo 16 bits, plus hi when it fits)."""
     raw = inode.raw
     has_hi = len(raw) > EXT4_GOOD_OLD_INODE_SIZE and _fits(inode.i_extra_isize, _OFF_CHECKSUM_HI, 2)
-    buf = bytearray(raw)
-    stored = struct.unpack_from("<H", raw, _OFF_CHECKSUM_LO)[0]
-    buf[_OFF_CHECKSUM_LO : _OFF_CHECKSUM_LO + 2] = b"\0\0"
+    stored = _U16.unpack_from(raw, _OFF_CHECKSUM_LO)[0]
+    lo_end = _OFF_CHECKSUM_LO + 2
     if has_hi:
-        stored |= struct.unpack_from("<H", raw, _OFF_CHECKSUM_HI)[0] << 16
-        buf[_OFF_CHECKSUM_HI : _OFF_CHECKSUM_HI + 2] = b"\0\0"
-    crc = crc32c(inode_csum_seed(fs_seed, inode.ino, inode.i_generation), bytes(buf))
+        stored |= _U16.unpack_from(raw, _OFF_CHECKSUM_HI)[0] << 16
+        hi_end = _OFF_CHECKSUM_HI + 2
+        zeroed = (
+            raw[:_OFF_CHECKSUM_LO] + b"\0\0" + raw[lo_end:_OFF_CHECKSUM_HI] + b"\0\0" + raw[hi_end:]
+        )
+    else:
+        zeroed = raw[:_OFF_CHECKSUM_LO] + b"\0\0" + raw[lo_end:]
+    crc = crc32c(inode_csum_seed(fs_seed, inode.ino, inode.i_generation), zeroed)
     if not has_hi:
         crc &= 0xFFFF
     return crc == stored
@@ -299,12 +329,14 @@ def encode_inode(
     file_acl: int = 0,
     generation: int = 0,
     ibody_xattrs: bytes = b"",
+    version: int = 0,
 ) -> bytes:
     """An inode of `inode_size` bytes, checksum fields zero (the caller sets them).
 
     `i_blocks` is in 512-byte units (no huge_file scaling: the caller keeps
     it below 2**48); `ibody_xattrs` is the in-inode xattr area after
-    i_extra_isize (see xattr.encode_ibody).
+    i_extra_isize (see xattr.encode_ibody); `version` the low 32 bits of
+    i_version (l_i_version), which an EA inode uses for its reference count.
     """
     if len(i_block) != I_BLOCK_SIZE:
         raise ValueError("i_block is 60 bytes")
@@ -333,6 +365,7 @@ def encode_inode(
         size >> 32,
         0,
     )
+    struct.pack_into("<I", buf, _OFF_OSD1, version & 0xFFFFFFFF)
     _OSD2.pack_into(
         buf, 0x74, (i_blocks >> 32) & 0xFFFF, file_acl >> 32, uid >> 16, gid >> 16, 0, 0
     )

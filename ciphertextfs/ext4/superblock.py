@@ -350,6 +350,22 @@ def _is_power_of(n: int, base: int) -> bool:
     return p == n
 
 
+def with_fields(raw: bytes, **fields: int | bytes) -> bytes:
+    """The superblock `raw` with some s_* fields replaced, checksum recomputed.
+
+    The image writer sets fields mke2fs has no option for; libext2fs then
+    copies the superblock to its backups when it closes the filesystem.
+    """
+    out = bytearray(raw[:SUPERBLOCK_SIZE])
+    layout = {name: (off, fmt) for name, off, fmt in _SB_FIELDS}
+    for name, value in fields.items():
+        off, fmt = layout[name]
+        struct.pack_into("<" + fmt, out, off, value)
+    if parse_superblock(bytes(out)).metadata_csum:
+        struct.pack_into("<I", out, 0x3FC, crc32c(0xFFFFFFFF, bytes(out[:0x3FC])))
+    return bytes(out)
+
+
 def parse_superblock(raw: bytes) -> Superblock:
     """Parse and validate the 1024-byte superblock.
 

@@ -177,6 +177,27 @@ def entry_hash(name: bytes, value: bytes) -> int:
     return h
 
 
+def ea_inode_entry_hash(name: bytes, value_hash: int) -> int:
+    """e_hash of an entry whose value lives in an EA inode: the value's crc32c
+    (kept in the EA inode's i_atime) takes the place of the value."""
+    return entry_hash(name, struct.pack("<I", value_hash))
+
+
+def ea_inode_value_hash(csum_seed: int, value: bytes) -> int:
+    """What an EA inode records of its value (ext4_xattr_inode_hash)."""
+    return crc32c(csum_seed, value)
+
+
+def min_large_ea_size(block_size: int) -> int:
+    """Above this padded size the kernel puts a value in an EA inode
+    (EXT4_XATTR_MIN_LARGE_EA_SIZE): it could not share a block with anything."""
+    return block_size - 3 - ENTRY_HEADER - 4
+
+
+EaRefs = dict[tuple[int, bytes], tuple[int, int]]
+"""(name index, name) -> (EA inode number, value hash) of values kept in EA inodes."""
+
+
 def _entry_size(name: bytes) -> int:
     return (ENTRY_HEADER + len(name) + 3) & ~3
 
@@ -185,9 +206,13 @@ def _value_size(value: bytes) -> int:
     return (len(value) + 3) & ~3
 
 
-def area_size(xattrs: list[Xattr]) -> int:
+def area_size(xattrs: list[Xattr], ea_refs: EaRefs | None = None) -> int:
     """Bytes the entries and values take (without magic/header and the end marker)."""
-    return sum(_entry_size(x.name) + _value_size(x.value) for x in xattrs)
+    refs = ea_refs or {}
+    return sum(
+        _entry_size(x.name) + (0 if (x.name_index, x.name) in refs else _value_size(x.value))
+        for x in xattrs
+    )
 
 
 def sort_key(x: Xattr) -> tuple[int, int, bytes]:
@@ -196,42 +221,63 @@ def sort_key(x: Xattr) -> tuple[int, int, bytes]:
 
 
 def _encode_area(
-    xattrs: list[Xattr], size: int, first: int, value_base: int, hashed: bool
+    xattrs: list[Xattr],
+    size: int,
+    first: int,
+    value_base: int,
+    hashed: bool,
+    ea_refs: EaRefs | None = None,
 ) -> bytearray:
-    """Entries from `first`, values packed down from the end of a `size`-byte area."""
+    """Entries from `first`, values packed down from the end of a `size`-byte area.
+
+    An entry in `ea_refs` names its EA inode and carries no value here; its
+    hash is set in the inode body too, as the kernel sets it."""
+    refs = ea_refs or {}
     buf = bytearray(size)
     off = first
     vend = size
     for x in xattrs:
-        vsize = _value_size(x.value)
-        vend -= vsize
-        h = entry_hash(x.name, x.value) if hashed else 0
-        voff = vend - value_base if x.value else 0
-        _ENTRY.pack_into(buf, off, len(x.name), x.name_index, voff, 0, len(x.value), h)
+        ref = refs.get((x.name_index, x.name))
+        if ref is not None:
+            inum, value_hash = ref
+            h = ea_inode_entry_hash(x.name, value_hash)
+            _ENTRY.pack_into(buf, off, len(x.name), x.name_index, 0, inum, len(x.value), h)
+        else:
+            vsize = _value_size(x.value)
+            vend -= vsize
+            h = entry_hash(x.name, x.value) if hashed else 0
+            voff = vend - value_base if x.value else 0
+            _ENTRY.pack_into(buf, off, len(x.name), x.name_index, voff, 0, len(x.value), h)
+            buf[vend : vend + len(x.value)] = x.value
         buf[off + ENTRY_HEADER : off + ENTRY_HEADER + len(x.name)] = x.name
-        buf[vend : vend + len(x.value)] = x.value
         off += _entry_size(x.name)
     if off + 4 > vend:
         raise ValueError("xattrs do not fit")
     return buf
 
 
-def encode_ibody(xattrs: list[Xattr], space: int) -> bytes:
+def encode_ibody(xattrs: list[Xattr], space: int, ea_refs: EaRefs | None = None) -> bytes:
     """The in-inode xattr area (magic, entries, values) of `space` bytes."""
     if not xattrs:
         return b""
-    if 4 + area_size(xattrs) + 4 > space:
+    if 4 + area_size(xattrs, ea_refs) + 4 > space:
         raise ValueError("xattrs do not fit in the inode")
-    area = _encode_area(xattrs, space - 4, 0, 0, False)
+    area = _encode_area(xattrs, space - 4, 0, 0, False, ea_refs)
     return struct.pack("<I", EXT4_XATTR_MAGIC) + bytes(area)
 
 
-def encode_block(xattrs: list[Xattr], block_size: int, blocknr: int, seed: int | None) -> bytes:
+def encode_block(
+    xattrs: list[Xattr],
+    block_size: int,
+    blocknr: int,
+    seed: int | None,
+    ea_refs: EaRefs | None = None,
+) -> bytes:
     """An EA block (refcount 1) holding `xattrs` sorted, with hashes and checksum."""
     xs = sorted(xattrs, key=sort_key)
-    if XATTR_HEADER_SIZE + area_size(xs) + 4 > block_size:
+    if XATTR_HEADER_SIZE + area_size(xs, ea_refs) + 4 > block_size:
         raise ValueError("xattrs do not fit in one block")
-    buf = _encode_area(xs, block_size, XATTR_HEADER_SIZE, 0, True)
+    buf = _encode_area(xs, block_size, XATTR_HEADER_SIZE, 0, True, ea_refs)
     bh = 0
     off = XATTR_HEADER_SIZE
     for x in xs:

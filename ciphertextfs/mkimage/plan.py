@@ -26,15 +26,17 @@ from ciphertextfs.ext4.xattr import (
 )
 from ciphertextfs.fscrypt.errors import FscryptError
 from ciphertextfs.fscrypt.policy import FscryptContext
-from ciphertextfs.restore.backup import Backup, Entry, Kind, Path_, TreeProblem
+from ciphertextfs.restore.backup import Backup, Entry, Kind, Path_, TreeProblem, show_path
 from ciphertextfs.restore.plan import RestoreProblem, ciphertext_name
 from ciphertextfs.restore.report import Report
 from ciphertextfs.viewformat import (
     SIDE_FILE_HEADER,
     SIDE_FILE_NAME,
     XATTR_FSCRYPT_CONTEXT,
+    XATTR_FSCRYPT_DIRHASH,
     FormatError,
     SideFile,
+    decode_dirhash,
     decode_side_file,
     decode_symlink,
     decode_xattrs,
@@ -98,6 +100,19 @@ class Plan:
     fs_uuid: bytes | None
     data_bytes: int = 0
     name_bytes: int = 0
+    dirhash: tuple[int, bytes] | None = None
+    """(hash version, s_hash_seed) of the original filesystem, from its directories."""
+    warnings: int = 0
+    """Entries written, but with something of the backup reported and ignored."""
+
+
+def backup_name(x: Xattr) -> str:
+    """The name an on-disk xattr had in the backup, for messages."""
+    if x.name_index in EXT4_XATTR_ACL_NAMES:
+        return EXT4_XATTR_ACL_NAMES[x.name_index].decode()
+    if x.name_index in EXT4_XATTR_PREFIXES:
+        return (EXT4_XATTR_PREFIXES[x.name_index] + x.name).decode(errors="replace")
+    return f"(index {x.name_index}) {x.name.decode(errors='replace')}"
 
 
 def disk_xattrs(xattrs: dict[bytes, bytes]) -> list[Xattr]:
@@ -138,6 +153,11 @@ class Planner:
         self.name_bytes = 0
         self.failed_dirs: dict[Path_, int] = {}
         self.dir_problems: list[list] = []
+        self.dirhash: tuple[int, bytes] | None = None
+        self.dirhash_from: Path_ = ()
+        self.dirhash_conflict = False
+        self.encrypted = False
+        self.warnings = 0
 
     def run(self) -> Plan:
         root: Node | None = None
@@ -184,8 +204,22 @@ class Planner:
             root.children.append((LOST_AND_FOUND, lf))
             self.nodes.append(lf)
         lf.ino = LOST_AND_FOUND_INO
+        if self.encrypted and self.dirhash is None:
+            self.report.note(
+                "the backup does not record the directory hash seed (it predates "
+                "user.fscrypt.dirhash): locked directories will list other no-key names "
+                "than the old disk, unless -E hash_seed=UUID (dumpe2fs -h of the old disk) "
+                "is given"
+            )
         return Plan(
-            root, self.nodes, self.block_size, self.fs_uuid, self.data_bytes, self.name_bytes
+            root,
+            self.nodes,
+            self.block_size,
+            self.fs_uuid,
+            self.data_bytes,
+            self.name_bytes,
+            self.dirhash,
+            self.warnings,
         )
 
     def _below_failed(self, item: Entry | TreeProblem) -> None:
@@ -201,6 +235,31 @@ class Planner:
             data = self.backup.side_file(d.path)
             d.side = decode_side_file(data) if data is not None else None
         return d.side
+
+    def _note_dirhash(self, e: Entry) -> None:
+        """The first directory's hash seed and version make the filesystem's.
+
+        A bad value is reported with its directory, which is still written:
+        it only costs the hashes inside that directory's no-key names.
+        """
+        value = e.xattrs.get(XATTR_FSCRYPT_DIRHASH)
+        if value is None:
+            return
+        try:
+            dirhash = decode_dirhash(value)
+        except FormatError as err:
+            self.warnings += 1
+            self.report.note(f"{show_path(e.path)}: {err}: ignored")
+            return
+        if self.dirhash is None:
+            self.dirhash, self.dirhash_from = dirhash, e.path
+        elif dirhash != self.dirhash and not self.dirhash_conflict:
+            self.dirhash_conflict = True
+            self.report.note(
+                f"{show_path(e.path)}: another directory hash seed than "
+                f"{show_path(self.dirhash_from)} (a backup of two filesystems?): the "
+                "first is used, and locked names below this one will differ"
+            )
 
     def _note_block_size(self, attrs_bs: int | None) -> None:
         if attrs_bs is not None and self.block_size is None:
@@ -226,6 +285,8 @@ class Planner:
                 return node
         attrs = decode_xattrs(e.xattrs, regular=e.kind is Kind.REG)
         self._note_block_size(attrs.block_size)
+        if e.kind is Kind.DIR:
+            self._note_dirhash(e)
         node = Node(
             e.path,
             e.kind,
@@ -268,6 +329,8 @@ class Planner:
                     "no user.fscrypt.context inside an encrypted directory: its xattrs "
                     "were lost (copied without rsync -X or tar --xattrs?)"
                 )
+        if node.context is not None:
+            self.encrypted = True
         if node.context is not None and node.context.needs_inode_number:
             self._want(node, ino, uuid)
         if e.kind is Kind.REG:

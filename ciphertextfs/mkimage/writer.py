@@ -35,8 +35,16 @@ from ciphertextfs.ext4.dirent import (
     encode_leaf_block,
     pack_leaf_blocks,
 )
-from ciphertextfs.ext4.dirhash import dx_hash_version, ext4fs_dirhash
+from ciphertextfs.ext4.dirhash import (
+    DX_HASH_LEGACY_UNSIGNED,
+    DX_HASH_TEA,
+    EXT2_FLAGS_SIGNED_HASH,
+    EXT2_FLAGS_UNSIGNED_HASH,
+    dx_hash_version,
+    ext4fs_dirhash,
+)
 from ciphertextfs.ext4.extents import (
+    EXT4_EXT_MAX_DEPTH,
     EXT_INIT_MAX_LEN,
     Mapping,
     encode_header,
@@ -46,6 +54,7 @@ from ciphertextfs.ext4.extents import (
     extents_per_block,
 )
 from ciphertextfs.ext4.inode import (
+    EXT4_EA_INODE_FL,
     EXT4_ENCRYPT_FL,
     EXT4_EXTENTS_FL,
     EXT4_INDEX_FL,
@@ -57,34 +66,42 @@ from ciphertextfs.ext4.inode import (
 )
 from ciphertextfs.ext4.superblock import (
     COMPAT_DIR_INDEX,
+    INCOMPAT_EA_INODE,
     INCOMPAT_ENCRYPT,
     INCOMPAT_EXTENTS,
     INCOMPAT_FILETYPE,
+    INCOMPAT_LARGEDIR,
     SUPERBLOCK_OFFSET,
     SUPERBLOCK_SIZE,
     parse_superblock,
+    with_fields,
 )
 from ciphertextfs.ext4.xattr import (
     EXT4_XATTR_INDEX_ENCRYPTION,
     XATTR_HEADER_SIZE,
+    EaRefs,
     Xattr,
     area_size,
+    ea_inode_value_hash,
     encode_block,
     encode_ibody,
+    min_large_ea_size,
 )
 from ciphertextfs.mounts import loop_devices_of, read_mountinfo
 from ciphertextfs.restore import DEFAULT_BLOCK_SIZE
-from ciphertextfs.restore.backup import Backup, Entry, Kind
+from ciphertextfs.restore.backup import Backup, Entry, Kind, show_path
 from ciphertextfs.restore.plan import RestoreProblem
 from ciphertextfs.restore.report import Report
 
 from .libext2fs import Ext2Error, Ext2Fs
-from .plan import FIRST_INO, Node, Plan
+from .plan import FIRST_INO, Node, Plan, backup_name
 
 INODE_SIZE = 256
 READ_CHUNK = 1 << 20
 EXT4_LINK_MAX = 65000
 MAX_I_BLOCKS = 1 << 48
+EXT4_HTREE_LEVEL = 3
+"""Index levels (the root included) the kernel follows with large_dir; 2 without."""
 
 _FILE_TYPE = {
     Kind.REG: EXT4_FT_REG_FILE,
@@ -130,7 +147,20 @@ def block_size_of(plan: Plan) -> int:
 def inode_count(plan: Plan, size: int) -> int:
     """As many inodes as mke2fs would give (one per 16 KiB), and enough for the plan."""
     wanted = max((n.want_ino or 0 for n in plan.nodes), default=0)
-    return max(size // 16384, wanted, len(plan.nodes) + FIRST_INO + 1024)
+    ea = len(large_values(plan))
+    return max(size // 16384, wanted, len(plan.nodes) + ea + FIRST_INO + 1024)
+
+
+def large_values(plan: Plan) -> list[int]:
+    """Sizes of the xattr values that may need EA inodes: every value of a node
+    whose xattrs together do not fit in one block (a bound for sizing)."""
+    bs = block_size_of(plan)
+    return [
+        len(x.value)
+        for n in plan.nodes
+        if XATTR_HEADER_SIZE + area_size(n.xattrs) + 4 > bs
+        for x in n.xattrs
+    ]
 
 
 def image_size(plan: Plan) -> int:
@@ -146,6 +176,7 @@ def image_size(plan: Plan) -> int:
             data += bs
         if len(n.xattrs) > 1:
             data += bs
+    data += sum(_ceil(v, bs) * bs for v in large_values(plan))
     data += plan.name_bytes * 2
     size = data + data // 4 + (64 << 20)
     groups = _ceil(inode_count(plan, size), 8 * bs)
@@ -204,11 +235,32 @@ def prepare_target(target: str, size: int, opts: MkfsOptions) -> bool:
     return False
 
 
+def needs_large_dir(plan: Plan, bs: int) -> bool:
+    """Whether a directory may need a third htree level (large_dir, Linux 4.13).
+
+    Counted with metadata_csum's smaller blocks and a margin, since the
+    leaves are packed in hash order, which mke2fs has not chosen yet; the
+    feature is only asked for when a directory comes close, so that other
+    images still mount on older kernels.
+    """
+    capacity = dx_limit(bs, DX_ROOT_COUNT_OFFSET, True) * dx_limit(bs, DX_NODE_COUNT_OFFSET, True)
+    for node in plan.nodes:
+        if node.kind is Kind.DIR and len(node.children) > capacity * 0.9:
+            entries = [(0, b".", 0), (0, b"..", 0)] + [(0, n, 0) for n, _ in node.children]
+            if len(pack_leaf_blocks(entries, bs, True)) > capacity * 0.9:
+                return True
+    return False
+
+
 def mkfs_command(plan: Plan, target: str, size: int, opts: MkfsOptions, device: bool) -> list[str]:
     bs = block_size_of(plan)
     features = ["encrypt"]
     if plan.fs_uuid is not None:
         features.append("stable_inodes")
+    if needs_large_dir(plan, bs) and not any(f.endswith("large_dir") for f in opts.features):
+        features.append("large_dir")
+    if large_values(plan) and not any(f.endswith("ea_inode") for f in opts.features):
+        features.append("ea_inode")
     features += opts.features
     cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-b", str(bs), "-I", str(INODE_SIZE)]
     cmd += ["-N", str(inode_count(plan, size)), "-O", ",".join(features)]
@@ -225,6 +277,10 @@ def mkfs_command(plan: Plan, target: str, size: int, opts: MkfsOptions, device: 
     return cmd
 
 
+def admin_hash_seed(opts: MkfsOptions) -> bool:
+    return any(o.startswith("hash_seed=") for o in opts.extended)
+
+
 def make_filesystem(plan: Plan, target: str, opts: MkfsOptions) -> None:
     size = opts.size if opts.size is not None else image_size(plan)
     device = prepare_target(target, size, opts)
@@ -232,6 +288,36 @@ def make_filesystem(plan: Plan, target: str, opts: MkfsOptions) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise TargetError(f"mke2fs failed: {res.stderr.strip() or res.stdout.strip()}")
+    if plan.dirhash is not None:
+        set_dirhash(target, *plan.dirhash, keep_seed=admin_hash_seed(opts))
+
+
+def set_dirhash(target: str, version: int, seed: bytes, *, keep_seed: bool) -> None:
+    """Give the new filesystem the original's directory hash, before anything is written.
+
+    The hash inside a no-key name is computed with s_hash_seed and the hash
+    version (s_def_hash_version for a directory the kernel reads without a
+    dx_root, and for the directories it indexes later), whose legacy
+    algorithms depend on the unsigned-char flag.  mke2fs sets none of them
+    from outside as needed: its hash_seed= option replaces an all-zero seed
+    (which means "no seed" to the kernel) with a random one, and it takes the
+    char signedness of the machine it runs on.
+    """
+    unsigned = version >= DX_HASH_LEGACY_UNSIGNED
+    base = version - DX_HASH_LEGACY_UNSIGNED if unsigned else version
+    assert 0 <= base <= DX_HASH_TEA
+    fd = os.open(target, os.O_RDWR)
+    try:
+        raw = os.pread(fd, SUPERBLOCK_SIZE, SUPERBLOCK_OFFSET)
+        sb = parse_superblock(raw)
+        flags = sb.s_flags & ~(EXT2_FLAGS_SIGNED_HASH | EXT2_FLAGS_UNSIGNED_HASH)
+        flags |= EXT2_FLAGS_UNSIGNED_HASH if unsigned else EXT2_FLAGS_SIGNED_HASH
+        fields: dict[str, int | bytes] = {"s_def_hash_version": base, "s_flags": flags}
+        if not keep_seed:
+            fields["s_hash_seed"] = seed
+        os.pwrite(fd, with_fields(raw, **fields), SUPERBLOCK_OFFSET)
+    finally:
+        os.close(fd)
 
 
 # -- filling it ----------------------------------------------------------------
@@ -263,6 +349,10 @@ class ImageWriter:
                 raise TargetError(f"restore-image needs the {name} feature (-O ^{name} given?)")
         self.bs = self.sb.block_size
         self.inode_size = self.sb.inode_size
+        self.ea_inode = self.sb.has_incompat(INCOMPAT_EA_INODE)
+        self.large_ea = min_large_ea_size(self.bs)
+        self._next_ino = FIRST_INO
+        self._reserved_inos: set[int] = set()
         self.seed = self.sb.csum_seed if self.sb.metadata_csum else None
         self.zero_block = bytes(self.bs)
         self.goal = 0
@@ -315,10 +405,13 @@ class ImageWriter:
             if len(node.xattrs) > 1:
                 need += 1
             if node.kind is Kind.DIR:
+                if XATTR_HEADER_SIZE + area_size(node.xattrs) + 4 > bs:
+                    need += sum(_ceil(len(x.value), bs) + 1 for x in node.xattrs)
                 entries = [(0, b".", 0), (0, b"..", 0)] + [(0, n, 0) for n, _ in node.children]
                 leaves = len(pack_leaf_blocks(entries, bs, csum))
                 if leaves > 1:
-                    leaves += 1 + _ceil(leaves, dx_limit(bs, DX_NODE_COUNT_OFFSET, csum))
+                    per = dx_limit(bs, DX_NODE_COUNT_OFFSET, csum)
+                    leaves += 1 + _ceil(leaves, per) + _ceil(leaves, per * per)
                 need += leaves + (0 if leaves <= 4 else 4)
             elif node.kind is Kind.SYMLINK and len(node.body) >= I_BLOCK_SIZE:
                 need += 1
@@ -375,6 +468,18 @@ class ImageWriter:
             if node.ino > limit:
                 self.report.problem(node.path, f"inode number {node.ino} beyond {limit}")
                 node.ino = 0
+        self._next_ino = nxt
+        self._reserved_inos = reserved
+
+    def _spare_ino(self) -> int:
+        """An inode number no node has, for an EA inode."""
+        while self._next_ino in self._reserved_inos:
+            self._next_ino += 1
+        ino = self._next_ino
+        if ino > self.sb.s_inodes_count:
+            raise RestoreProblem("no inode left for an xattr value (give a larger --size)")
+        self._next_ino += 1
+        return ino
 
     def _write_node(self, node: Node) -> None:
         self._allocated = []
@@ -460,51 +565,141 @@ class ImageWriter:
                 self.report.tick()
         return mappings, used
 
-    def _extent_tree(self, node: Node, mappings: list[Mapping]) -> tuple[bytes, int]:
-        """i_block and the number of tree blocks for a list of mappings."""
+    def _extent_tree(self, ino: int, mappings: list[Mapping]) -> tuple[bytes, int]:
+        """i_block and the number of tree blocks for a list of mappings.
+
+        Leaves are filled, then as many levels of full index blocks as the
+        four entries of i_block need: a fragmented file (a sparse encrypted
+        file has one extent per written run) gets the shallowest tree that
+        holds it, which is also the one e2fsck finds nothing to narrow in.
+        """
         if len(mappings) <= 4:
             body = encode_header(len(mappings), 4, 0) + encode_leaf(mappings)
             return body.ljust(I_BLOCK_SIZE, b"\0"), 0
         per = extents_per_block(self.bs)
-        leaves = [mappings[i : i + per] for i in range(0, len(mappings), per)]
-        if len(leaves) > 4:
-            raise RestoreProblem(
-                f"{len(mappings)} extents: files this fragmented are not written yet"
-            )
-        seed = self._inode_seed(node)
-        index = []
-        for leaf in leaves:
-            blk = self._alloc_one()
-            body = encode_header(len(leaf), per, 0) + encode_leaf(leaf)
-            body = body.ljust(12 + 12 * per, b"\0")
-            if seed is not None:
-                body += extent_block_tail(body, seed)
-            self._pwrite(blk, body.ljust(self.bs, b"\0"))
-            index.append(encode_index(leaf[0].lblk, blk))
-        i_block = encode_header(len(leaves), 4, 1) + b"".join(index)
-        return i_block.ljust(I_BLOCK_SIZE, b"\0"), len(leaves)
+        seed = self._inode_seed(ino)
+        level = [
+            (chunk[0].lblk, encode_leaf(chunk), len(chunk))
+            for chunk in (mappings[i : i + per] for i in range(0, len(mappings), per))
+        ]
+        depth = 0
+        written = 0
+        while True:
+            if depth >= EXT4_EXT_MAX_DEPTH:
+                raise RestoreProblem(f"{len(mappings)} extents need a deeper tree than ext4's")
+            index = []
+            for first, entries, count in level:
+                blk = self._alloc_one()
+                body = (encode_header(count, per, depth) + entries).ljust(12 + 12 * per, b"\0")
+                if seed is not None:
+                    body += extent_block_tail(body, seed)
+                self._pwrite(blk, body.ljust(self.bs, b"\0"))
+                index.append((first, encode_index(first, blk)))
+            written += len(level)
+            depth += 1
+            if len(index) <= 4:
+                break
+            level = [
+                (chunk[0][0], b"".join(e for _, e in chunk), len(chunk))
+                for chunk in (index[i : i + per] for i in range(0, len(index), per))
+            ]
+        i_block = encode_header(len(index), 4, depth) + b"".join(e for _, e in index)
+        return i_block.ljust(I_BLOCK_SIZE, b"\0"), written
 
-    def _inode_seed(self, node: Node) -> int | None:
+    def _inode_seed(self, ino: int) -> int | None:
         if self.seed is None:
             return None
-        return inode_csum_seed(self.seed, node.ino, 0)
+        return inode_csum_seed(self.seed, ino, 0)
 
     # -- xattrs --------------------------------------------------------
 
-    def _split_xattrs(self, node: Node) -> tuple[list[Xattr], list[Xattr]]:
+    def _split_xattrs(self, node: Node) -> tuple[list[Xattr], list[Xattr], list[Xattr]]:
+        """(in the inode, in the EA block, in EA inodes of their own).
+
+        As the kernel does: a value too large to share a block goes to an
+        EA inode, and with the ea_inode feature, when the inode and one block
+        cannot hold the rest, the largest values follow until they can.
+        """
         space = ibody_xattr_space(self.inode_size)
-        xs = node.xattrs
+        xs = list(node.xattrs)
         if not xs:
-            return [], []
-        if 8 + area_size(xs) <= space:
-            return xs, []
-        ctx = [x for x in xs if x.name_index == EXT4_XATTR_INDEX_ENCRYPTION]
-        rest = [x for x in xs if x.name_index != EXT4_XATTR_INDEX_ENCRYPTION]
-        if not ctx or 8 + area_size(ctx) > space:
-            ctx, rest = [], xs
-        if XATTR_HEADER_SIZE + area_size(rest) + 4 > self.bs:
-            raise RestoreProblem("xattrs too large for one block (ea_inode is not supported)")
-        return ctx, rest
+            return [], [], []
+        big: list[Xattr] = []
+        small = list(xs)
+        if self.ea_inode:
+            big = [x for x in xs if (len(x.value) + 3) & ~3 > self.large_ea]
+            small = [x for x in xs if x not in big]
+        while True:
+            refs = {(x.name_index, x.name): (0, 0) for x in big}
+            if 8 + area_size(xs, refs) <= space:
+                return xs, [], big
+            ctx = [x for x in xs if x.name_index == EXT4_XATTR_INDEX_ENCRYPTION]
+            rest = [x for x in xs if x.name_index != EXT4_XATTR_INDEX_ENCRYPTION]
+            if not ctx or 8 + area_size(ctx) > space:
+                ctx, rest = [], xs
+            if XATTR_HEADER_SIZE + area_size(rest, refs) + 4 <= self.bs:
+                return ctx, rest, big
+            movable = [x for x in small if x.name_index != EXT4_XATTR_INDEX_ENCRYPTION]
+            why = "" if self.ea_inode else " (-O ea_inode allows more)"
+            if not movable:
+                raise RestoreProblem(f"xattrs too large for the inode and one block{why}")
+            largest = max(movable, key=lambda x: len(x.value))
+            small.remove(largest)
+            if self.ea_inode:
+                big.append(largest)
+            elif node.kind is Kind.DIR:
+                # Its entries are written already: the directory must be, too.
+                xs = [x for x in xs if x is not largest]
+                self.plan.warnings += 1
+                self.report.note(
+                    f"{show_path(node.path)}: xattr {backup_name(largest)} left out: "
+                    f"too large for the inode and one block{why}"
+                )
+            else:
+                raise RestoreProblem(f"xattrs too large for the inode and one block{why}")
+
+    def _write_ea_values(
+        self, node: Node, big: list[Xattr]
+    ) -> tuple[EaRefs, list[tuple[int, bytes]]]:
+        """Blocks of each EA inode written; (references, inodes still to write).
+
+        An EA inode's blocks are all allocated (the kernel reads a hole in
+        one as corruption); it records the crc32c of its value in i_atime and
+        its reference count in i_version, and its owner's uid and gid.
+        """
+        refs: EaRefs = {}
+        inodes = []
+        for x in big:
+            ino = self._spare_ino()
+            value_hash = ea_inode_value_hash(self.sb.csum_seed, x.value)
+            nblocks = _ceil(len(x.value), self.bs)
+            mappings: list[Mapping] = []
+            lblk = 0
+            for blk, cnt in self._alloc(nblocks):
+                chunk = x.value[lblk * self.bs : (lblk + cnt) * self.bs]
+                self._pwrite(blk, chunk.ljust(cnt * self.bs, b"\0"))
+                _add_mapping(mappings, lblk, blk, cnt)
+                lblk += cnt
+            i_block, tree = self._extent_tree(ino, mappings)
+            raw = encode_inode(
+                self.inode_size,
+                mode=stat.S_IFREG | 0o600,
+                uid=node.uid,
+                gid=node.gid,
+                size=len(x.value),
+                links=1,
+                flags=EXT4_EA_INODE_FL | EXT4_EXTENTS_FL,
+                atime_ns=value_hash * 1_000_000_000,
+                mtime_ns=self.now_ns,
+                ctime_ns=0,
+                crtime_ns=self.now_ns,
+                i_block=i_block,
+                i_blocks=(nblocks + tree) * (self.bs // 512),
+                version=1,
+            )
+            refs[(x.name_index, x.name)] = (ino, value_hash)
+            inodes.append((ino, raw))
+        return refs, inodes
 
     # -- one inode -----------------------------------------------------
 
@@ -516,11 +711,11 @@ class ImageWriter:
         size = 0
         nbytes = 0
         links = node.links
-        ibody, block_xattrs = self._split_xattrs(node)
+        ibody, block_xattrs, big = self._split_xattrs(node)
         if node.kind is Kind.REG:
             mappings, blocks = self._write_data(node)
             tree_blocks = 0
-            i_block, tree_blocks = self._extent_tree(node, mappings)
+            i_block, tree_blocks = self._extent_tree(node.ino, mappings)
             blocks += tree_blocks
             flags |= EXT4_EXTENTS_FL
             size = node.size
@@ -548,15 +743,18 @@ class ImageWriter:
                     raise RestoreProblem(f"symlink body of {size} bytes does not fit a block")
                 blk = self._alloc_one()
                 self._pwrite(blk, node.body.ljust(bs, b"\0"))
-                i_block, _ = self._extent_tree(node, [Mapping(0, blk, 1, False)])
+                i_block, _ = self._extent_tree(node.ino, [Mapping(0, blk, 1, False)])
                 blocks = 1
                 flags |= EXT4_EXTENTS_FL
         elif node.kind in (Kind.CHR, Kind.BLK):
             i_block = encode_rdev(*node.rdev)
+        refs, ea_inodes = self._write_ea_values(node, big)
+        # The owner is charged for its EA inodes' values, as the kernel's quota does.
+        blocks += sum(_ceil(len(x.value), bs) for x in big)
         file_acl = 0
         if block_xattrs:
             file_acl = self._alloc_one()
-            self._pwrite(file_acl, encode_block(block_xattrs, bs, file_acl, self.seed))
+            self._pwrite(file_acl, encode_block(block_xattrs, bs, file_acl, self.seed, refs))
             blocks += 1
         i_blocks = blocks * (bs // 512)
         if i_blocks >= MAX_I_BLOCKS:
@@ -576,8 +774,11 @@ class ImageWriter:
             i_block=i_block,
             i_blocks=i_blocks,
             file_acl=file_acl,
-            ibody_xattrs=encode_ibody(ibody, ibody_xattr_space(self.inode_size)),
+            ibody_xattrs=encode_ibody(ibody, ibody_xattr_space(self.inode_size), refs),
         )
+        for ino, ea_raw in ea_inodes:
+            self.fs.alloc_inode(ino, False)
+            self.fs.write_inode(ino, ea_raw)
         if node.ino not in (2, 11):
             self.fs.alloc_inode(node.ino, node.kind is Kind.DIR)
         self.fs.write_inode(node.ino, raw)
@@ -592,10 +793,11 @@ class ImageWriter:
             if c.ino and c.ino not in self.failed
         ]
         packed = pack_leaf_blocks(entries, self.bs, self.seed is not None)
-        seed = self._inode_seed(node)
+        seed = self._inode_seed(node.ino)
+        blocks = None
         if len(packed) > 1 and self.sb.has_compat(COMPAT_DIR_INDEX):
             blocks = self._htree(node, entries[2:], seed)
-        else:
+        if blocks is None:
             blocks = [encode_leaf_block(b, self.bs, seed) for b in packed]
         mappings: list[Mapping] = []
         lblk = 0
@@ -604,13 +806,14 @@ class ImageWriter:
                 self._pwrite(blk + k, blocks[lblk + k])
             _add_mapping(mappings, lblk, blk, cnt)
             lblk += cnt
-        i_block, tree = self._extent_tree(node, mappings)
+        i_block, tree = self._extent_tree(node.ino, mappings)
         return i_block, len(blocks) + tree
 
     def _htree(
         self, node: Node, entries: list[tuple[int, bytes, int]], seed: int | None
-    ) -> list[bytes]:
-        """The blocks of an indexed directory: root, interior nodes, leaves in hash order.
+    ) -> list[bytes] | None:
+        """The blocks of an indexed directory: root, interior nodes, leaves in hash order;
+        None when the filesystem allows too few levels for it.
 
         Names are hashed as the kernel hashes them for lookups (the
         ciphertext name in an encrypted directory), with the filesystem's
@@ -637,34 +840,52 @@ class ImageWriter:
             pos += len(leaf)
         root_limit = dx_limit(bs, DX_ROOT_COUNT_OFFSET, csum)
         node_limit = dx_limit(bs, DX_NODE_COUNT_OFFSET, csum)
-        if len(leaves) <= root_limit:
-            first_leaf = 1
-            root = [(index[i], first_leaf + i) for i in range(len(leaves))]
-            interior: list[bytes] = []
-            levels = 0
-        else:
-            groups = _ceil(len(leaves), node_limit)
-            if groups > root_limit:
-                raise RestoreProblem(
-                    f"directory of {len(entries)} entries needs a third htree level (largedir)"
-                )
-            first_leaf = 1 + groups
-            root, interior = [], []
-            for g in range(groups):
-                lo = g * node_limit
-                part = range(lo, min(lo + node_limit, len(leaves)))
-                interior.append(
-                    encode_dx_node([(index[i], first_leaf + i) for i in part], bs, seed)
-                )
-                root.append((index[lo], 1 + g))
-            levels = 1
+        counts = htree_levels(len(leaves), root_limit, node_limit)
+        allowed = EXT4_HTREE_LEVEL if self.sb.has_incompat(INCOMPAT_LARGEDIR) else 2
+        if len(counts) >= allowed:
+            # Its entries are written already: refusing the directory would
+            # leave them unattached.  A linear directory holds any number.
+            self.plan.warnings += 1
+            self.report.note(
+                f"{show_path(node.path)}: {len(entries)} entries need {len(counts) + 1} htree "
+                f"levels, this filesystem allows {allowed}"
+                + ("" if allowed == EXT4_HTREE_LEVEL else " (-O large_dir allows 3)")
+                + ": written as a linear directory, whose lookups are slow and whose "
+                "no-key names carry no hash"
+            )
+            return None
+        # Block 0 is the root, then the interior levels from the top down,
+        # then the leaves; the tree is built from the leaves up.
+        starts = []
+        pos = 1
+        for count in reversed(counts):
+            starts.insert(0, pos)
+            pos += count
+        refs = [(index[i], pos + i) for i in range(len(leaves))]
+        interior: list[list[bytes]] = []
+        for level, start in enumerate(starts):
+            groups = [refs[i : i + node_limit] for i in range(0, len(refs), node_limit)]
+            assert len(groups) == counts[level]
+            interior.insert(0, [encode_dx_node(g, bs, seed) for g in groups])
+            refs = [(g[0][0], start + k) for k, g in enumerate(groups)]
         blocks = [
-            encode_dx_root(node.ino, node.parent.ino, raw_version, levels, root, bs, seed),
-            *interior,
+            encode_dx_root(node.ino, node.parent.ino, raw_version, len(counts), refs, bs, seed),
+            *(b for level in interior for b in level),
         ]
         blocks += [encode_leaf_block(b, bs, seed) for b in leaves]
         node.indexed = True
         return blocks
+
+
+def htree_levels(leaves: int, root_limit: int, node_limit: int) -> list[int]:
+    """Interior blocks per level, from the level above the leaves up, for the
+    fewest levels under a root of root_limit entries."""
+    counts: list[int] = []
+    n = leaves
+    while n > root_limit:
+        n = _ceil(n, node_limit)
+        counts.append(n)
+    return counts
 
 
 def _add_mapping(mappings: list[Mapping], lblk: int, pblk: int, n: int) -> None:

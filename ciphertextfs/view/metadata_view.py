@@ -31,7 +31,7 @@ from ciphertextfs.fscrypt.protector import (
     parse_policy,
     parse_protector,
 )
-from ciphertextfs.view.model import Attr, ViewNoAttr, ViewNotFound
+from ciphertextfs.view.model import Attr, Invalidations, ViewNoAttr, ViewNotFound
 from ciphertextfs.view.names import Entry
 from ciphertextfs.view.protocol import StatfsFigures, ViewProtocol
 from ciphertextfs.viewformat import (
@@ -284,6 +284,10 @@ class MetadataView:
     def live(self) -> bool:
         return self._inner.live
 
+    @property
+    def watched(self) -> bool:
+        return self._inner.watched
+
     def statfs(self) -> StatfsFigures:
         return self._inner.statfs()
 
@@ -360,6 +364,12 @@ class MetadataView:
         if node is None:
             return self._inner.read(ino, offset, length)
         return node.data[offset : offset + max(length, 0)] if offset >= 0 else b""
+
+    def apply_changes(
+        self, inodes: set[int], names: dict[int, set[bytes]], everything: bool = False
+    ) -> Invalidations:
+        """The metadata entry is built at mount time: only the inner view changes."""
+        return self._inner.apply_changes(inodes, names, everything)
 
     def small_contents(self, ino: int) -> bytes | None:
         node = self._meta(ino)

@@ -17,11 +17,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ciphertextfs.ext4.directory import IndexInconclusive
 from ciphertextfs.ext4.dirent import EXT4_NAME_LEN
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import EXT4_ROOT_INO, Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
-from ciphertextfs.fscrypt.policy import FscryptContext, FscryptError, parse_context
+from ciphertextfs.ext4.xattr import EXT4_XATTR_INDEX_ENCRYPTION
+from ciphertextfs.fscrypt.policy import (
+    FSCRYPT_FILE_NONCE_SIZE,
+    FscryptContext,
+    FscryptError,
+    parse_context,
+)
 from ciphertextfs.lru import LRU
 from ciphertextfs.posix_acl import XATTR_NAME_POSIX_ACL_ACCESS as ACL_ACCESS
 from ciphertextfs.view.names import (
@@ -29,6 +36,8 @@ from ciphertextfs.view.names import (
     Listing,
     is_side_ino,
     list_directory,
+    listing_bytes,
+    lookup_in_index,
     side_file_ino,
 )
 from ciphertextfs.view.protocol import StatfsFigures
@@ -53,7 +62,31 @@ STATIC_CACHE_TIMEOUT = 3600.0
 """An image or snapshot never changes under the view: let the kernel cache."""
 
 LIVE_CACHE_TIMEOUT = 1.0
-"""A mounted filesystem does: keep what the kernel and the view cache short."""
+"""A mounted filesystem does: without a change watcher, keep what the kernel
+and the view cache short."""
+
+SYNC_INTERVAL = 0.05
+"""Seconds between two syncfs of a watched live source, at least."""
+
+UNSYNCED_MAX = 1 << 16
+"""Changed inodes remembered until the next syncfs; past that, any read syncs."""
+
+ATTRS_AHEAD_MAX = 16384
+"""Largest directory whose entries' attributes are built along with its listing."""
+
+ATTRS_AHEAD_BATCH = 512
+"""Inodes read per batch then: few enough to stay in the reader's inode cache."""
+
+LISTING_CACHE_BYTES = 128 << 20
+"""Listings in memory at once: a few directories of a few 100,000 entries, within
+the daemon's memory goal (issue 11); a bigger one is held alone (ciphertextfs.lru)."""
+
+XATTR_CACHE_BYTES = 64 << 20
+"""xattr sets in memory at once: bounded in bytes too, since ACLs and user.* values can be big."""
+
+XATTR_SET_BYTES = 232
+XATTR_BYTES = 80
+"""What CPython holds for an xattr set besides its names' and values' bytes, and per xattr."""
 
 
 class ViewNotFound(LookupError):
@@ -71,8 +104,10 @@ class DirectoryDamaged(OSError):
         super().__init__(errno.EIO, what)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Attr:
+    """What stat shows of one view inode: never assigned to, but not frozen (see Inode)."""
+
     st_ino: int
     st_mode: int
     st_nlink: int
@@ -81,6 +116,8 @@ class Attr:
     st_rdev: int
     st_size: int
     st_blocks: int
+    """512-byte units allocated, as ext4 counts them (the kernel's stat): tar -S and
+    rsync -S look for holes only in a file that has fewer blocks than its size."""
     st_atime_ns: int
     st_mtime_ns: int
     st_ctime_ns: int
@@ -88,13 +125,17 @@ class Attr:
 
 
 @dataclass(frozen=True, slots=True)
-class Node:
-    """Everything the view derives from one inode, computed once."""
+class Invalidations:
+    """What the kernel must forget after a change: inodes (attributes and
+    pages) and directory entries (parent, name), in view inode numbers."""
 
-    attr: Attr
-    xattrs: dict[bytes, bytes]
-    context: FscryptContext | None
-    context_raw: bytes | None
+    inodes: tuple[int, ...]
+    entries: tuple[tuple[int, bytes], ...]
+
+
+def xattr_set_bytes(xattrs: dict[bytes, bytes]) -> int:
+    """The approximate memory an xattr set holds, what its cache charges."""
+    return XATTR_SET_BYTES + sum(len(k) + len(v) + XATTR_BYTES for k, v in xattrs.items())
 
 
 class View:
@@ -107,17 +148,36 @@ class View:
         *,
         live: bool = False,
         sync: Callable[[], None] | None = None,
+        watched: bool = False,
     ):
         """`live`: the source is a mounted filesystem.  `sync` then writes it
         back (syncfs) each time the caches expire, so that file contents,
-        read with O_DIRECT from the device, are at most that old."""
+        read with O_DIRECT from the device, are at most that old.
+
+        `watched`: every change of the live source is reported through
+        `apply_changes` (ciphertextfs.live); the caches then last as for a
+        static source, changed objects are forgotten one by one, and the
+        source is synced only before a changed object is read again."""
         self.fs = fs
         self._sync = sync
         self.root_ino = root_ino
         self.live = live
-        self.cache_timeout = LIVE_CACHE_TIMEOUT if live else STATIC_CACHE_TIMEOUT
+        self.watched = live and watched
+        self.cache_timeout = (
+            LIVE_CACHE_TIMEOUT if live and not self.watched else STATIC_CACHE_TIMEOUT
+        )
+        self._epoch = 0
+        self._unsynced: set[int] = set()
+        self._unsynced_all = False
+        self._sync_lock = threading.Lock()
+        self._last_sync = 0.0
         self._nodes = LRU(65536)
-        self._listings = LRU(4096)
+        """Attributes per inode: all a listing needs, built from the inode alone."""
+        self._xattr_sets = LRU(16384, XATTR_CACHE_BYTES)
+        """The view's xattrs per inode, built when one is asked for."""
+        self._policies = LRU(256)
+        """Parsed fscrypt contexts by everything but their nonce: what sizes depend on."""
+        self._listings = LRU(4096, LISTING_CACHE_BYTES)
         self._ahead = ReadAhead(fs, self.attr, self._inode, self._listings.get)
         self._lock = threading.Lock()
         self._stamp = time.monotonic()
@@ -128,7 +188,7 @@ class View:
 
     def _fresh(self) -> None:
         """On a live filesystem, forget whatever is older than the timeout."""
-        if not self.live:
+        if not self.live or self.watched:
             return
         now = time.monotonic()
         if now - self._stamp > self.cache_timeout:
@@ -139,6 +199,7 @@ class View:
                     log.warning("syncfs of the live source failed: %s", e)
             with self._lock:
                 self._nodes.clear()
+                self._xattr_sets.clear()
                 self._listings.clear()
                 self.fs.drop_caches()
                 self._stamp = now
@@ -147,45 +208,249 @@ class View:
     def _inode(self, ino: int) -> Inode:
         return self.fs.inode(ino)
 
-    def _node(self, ino: int) -> Node:
+    def attr(self, ino: int) -> Attr:
         self._fresh()
-        node = self._nodes.get(ino)
-        if node is None:
-            node = self._build_node(ino)
+        attr = self._nodes.get(ino)
+        if attr is None:
+            epoch = self._before_reading(ino)
+            attr = self._build_attr(ino)
             with self._lock:
-                self._nodes.put(ino, node)
-        return node
+                if epoch == self._epoch:
+                    self._nodes.put(ino, attr)
+        return attr
+
+    def _xattrs(self, ino: int) -> dict[bytes, bytes]:
+        self._fresh()
+        xattrs = self._xattr_sets.get(ino)
+        if xattrs is None:
+            epoch = self._before_reading(ino)
+            xattrs = self._build_xattrs(ino)
+            with self._lock:
+                if epoch == self._epoch:
+                    self._xattr_sets.put(ino, xattrs, xattr_set_bytes(xattrs))
+        return xattrs
 
     def listing(self, dir_ino: int) -> Listing:
         self._fresh()
         listing = self._listings.get(dir_ino)
         if listing is None:
+            epoch = self._before_reading(dir_ino)
             inode = self._inode(dir_ino)
             if not inode.is_dir:
                 raise NotADirectoryError(dir_ino)
             listing = list_directory(self.fs, inode, dir_ino)
             with self._lock:
-                self._listings.put(dir_ino, listing)
+                if epoch == self._epoch:
+                    self._listings.put(dir_ino, listing, listing_bytes(listing))
             self._ahead.note_listing(dir_ino, listing)
+            self._attrs_ahead(listing, epoch)
         return listing
+
+    def _attrs_ahead(self, listing: Listing, epoch: int) -> None:
+        """Build the attributes of a new listing's entries in inode number order.
+
+        readdirplus asks for them next in name hash order, scattered over
+        the inode tables; in number order each table block is looked up
+        once for all its inodes.  Not for a directory too large for the
+        caches, whose first entries would be evicted before they are asked
+        for; an entry that cannot be read, or that a watched live source
+        changed since its last sync, is left for its own request.  Nothing
+        is kept once another change came in (`epoch`, as in `attr`).
+        """
+        if len(listing.entries) > ATTRS_AHEAD_MAX or self._unsynced_all:
+            return
+        nodes = self._nodes
+        unsynced = self._unsynced
+        inos = sorted(
+            {ino for _name, ino in listing.entries if not is_side_ino(ino) and ino not in unsynced}
+        )
+        for start in range(0, len(inos), ATTRS_AHEAD_BATCH):
+            chunk = [i for i in inos[start : start + ATTRS_AHEAD_BATCH] if nodes.get(i) is None]
+            found = []
+            for ino, inode in zip(chunk, self.fs.inodes(chunk), strict=True):
+                if inode is None:
+                    continue
+                try:
+                    found.append((ino, self._attr_of(ino, inode)))
+                except Exception:  # noqa: BLE001 - only ahead: its own request reports it
+                    continue
+            with self._lock:
+                if epoch != self._epoch:
+                    return
+                nodes.put_many(found)
+
+    # -- a watched live source ------------------------------------------------
+
+    def _before_reading(self, ino: int) -> int:
+        """Sync the source if `ino` changed since the last sync; answer the cache epoch.
+
+        ext4 writes inodes and directory blocks into the device's page cache
+        as the change happens, but sizes and extents of delayed allocations
+        and file contents only at writeback: a changed object is read again
+        only after a syncfs that started after its change was reported.  What
+        is read while another change is being reported is not cached (the
+        epoch moved on).
+        """
+        epoch = self._epoch
+        if not self.watched or not (self._unsynced_all or ino in self._unsynced):
+            return epoch
+        with self._sync_lock:
+            if not (self._unsynced_all or ino in self._unsynced):
+                return epoch  # synced meanwhile by another reader
+            wait = self._last_sync + SYNC_INTERVAL - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            with self._lock:
+                self._unsynced = set()
+                self._unsynced_all = False
+                epoch = self._epoch
+            if self._sync is not None:
+                try:
+                    self._sync()
+                except OSError as e:
+                    log.warning("syncfs of the live source failed: %s", e)
+            self._last_sync = time.monotonic()
+        return epoch
+
+    def apply_changes(
+        self, inodes: set[int], names: dict[int, set[bytes]], everything: bool = False
+    ) -> Invalidations:
+        """Forget what a batch of changes of the live source touched.
+
+        `inodes`: ext4 inodes that changed; `names`: directory -> names added,
+        removed or replaced there, as the kernel named them (plaintext in an
+        unlocked encrypted directory, where the view's names differ, so the
+        cached listing is searched for the changed inodes too); `everything`:
+        changes were lost, forget it all.  Answers what the kernel must
+        forget in turn.
+        """
+        with self._lock:
+            self._epoch += 1
+            if everything:
+                old_nodes = self._nodes.keys()
+                old_listings = [(d, self._listings.get(d)) for d in self._listings.keys()]
+                self._nodes.clear()
+                self._xattr_sets.clear()
+                self._listings.clear()
+                self.fs.drop_caches()
+                self._unsynced = set()
+                self._unsynced_all = True
+            else:
+                old_nodes = []
+                old_listings = [(d, self._listings.pop(d)) for d in names]
+                changed = set(inodes) | set(names)
+                for ino in changed:
+                    attr = self._nodes.pop(ino)
+                    if attr is not None:
+                        old_nodes.append(ino)
+                        self._ahead.forget(ino, attr)
+                    if self._nodes.pop(side_file_ino(ino)) is not None:
+                        old_nodes.append(side_file_ino(ino))
+                    self._xattr_sets.pop(ino)
+                    self._xattr_sets.pop(side_file_ino(ino))
+                    self.fs.forget_inode(ino)
+                if len(self._unsynced) + len(changed) > UNSYNCED_MAX:
+                    self._unsynced_all = True
+                    self._unsynced = set()
+                elif not self._unsynced_all:
+                    self._unsynced |= changed
+        if everything:
+            self._ahead.clear()
+            kernel_inodes = set(old_nodes)
+        else:
+            kernel_inodes = set(inodes) | set(names) | set(old_nodes)
+        entries: set[tuple[int, bytes]] = set()
+        for d, listing in old_listings:
+            if listing is None:
+                continue
+            kernel_inodes.add(d)
+            if listing.side_file is not None:
+                kernel_inodes.add(side_file_ino(d))
+            for e in listing.entries:
+                if everything or e.ino in inodes:
+                    entries.add((d, e.name))
+        for d, got in names.items():
+            entries.update((d, n) for n in got)
+        return Invalidations(tuple(sorted(kernel_inodes)), tuple(sorted(entries)))
 
     # -- nodes --------------------------------------------------------------
 
-    def _build_node(self, ino: int) -> Node:
+    def _inode_policy(self, inode: Inode) -> FscryptContext:
+        """The policy of an encrypted inode (see `_policy`), found without its EA block."""
+        raw = self.fs.xattr(inode, EXT4_XATTR_INDEX_ENCRYPTION, b"c")
+        if raw is None:
+            raise FscryptError(f"inode {inode.ino}: encrypted but has no fscrypt context")
+        return self._policy(raw)
+
+    def _policy(self, raw: bytes) -> FscryptContext:
+        """A raw context parsed and checked once per policy.
+
+        Every file of a policy has the same context but for its nonce, the
+        last 16 bytes: the result carries the nonce of the first such file,
+        and only what the policy decides (sizes, modes, flags) may be read
+        from it.
+        """
+        key = raw[:-FSCRYPT_FILE_NONCE_SIZE]
+        context = self._policies.get(key)
+        if context is None:
+            context = parse_context(raw)
+            self._policies.put(key, context)
+        return context
+
+    def _build_attr(self, ino: int) -> Attr:
+        """Attributes from the inode alone: no xattrs but the context an encrypted size needs."""
         if is_side_ino(ino):
-            return self._side_node(ino)
+            return self._side_attr(ino)
+        return self._attr_of(ino, self._inode(ino))
+
+    def _attr_of(self, ino: int, inode: Inode) -> Attr:
+        if self.watched and inode.i_links_count == 0:
+            # Deleted since the kernel looked it up: a name it still holds
+            # must not show the dead inode.
+            raise ViewNotFound(ino)
+        size = inode.i_size
+        if inode.is_encrypted:
+            context = self._inode_policy(inode)
+            if inode.is_reg:
+                size = context.ciphertext_size(inode.i_size, self.fs.block_size)
+            elif inode.is_symlink:
+                size = len(view_target(self.fs, inode)[0])
+        mode = inode.i_mode
+        rdev = 0
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            rdev = os.makedev(*inode.rdev)
+        return Attr(
+            ino,
+            mode,
+            inode.i_links_count,
+            inode.i_uid,
+            inode.i_gid,
+            rdev,
+            size,
+            inode.i_blocks,
+            inode.i_atime_ns,
+            inode.i_mtime_ns,
+            inode.i_ctime_ns,
+            inode.i_generation,
+        )
+
+    def _build_xattrs(self, ino: int) -> dict[bytes, bytes]:
+        if is_side_ino(ino):
+            return self._side_xattrs(ino)
         inode = self._inode(ino)
+        if self.watched and inode.i_links_count == 0:
+            # Deleted since the kernel looked it up: a name it still holds
+            # must not show the dead inode.
+            raise ViewNotFound(ino)
         on_disk = self.fs.xattrs(inode)
         xattrs = passthrough_xattrs(on_disk, ino)
-        context = raw = None
-        size = inode.i_size
         if inode.is_dir and (inode.is_encrypted or self._encrypting):
-            xattrs.update(encode_dir_xattrs(self.fs.block_size))
+            xattrs.update(encode_dir_xattrs(self.fs.block_size, self.fs.default_dirhash))
         if inode.is_encrypted:
             raw = fscrypt_context_raw(on_disk)
             if raw is None:
                 raise FscryptError(f"inode {ino}: encrypted but has no fscrypt context")
-            context = parse_context(raw)
+            context = self._policy(raw)
             xattrs.update(
                 encode_inode_xattrs(
                     raw,
@@ -193,43 +458,24 @@ class View:
                     size=inode.i_size if inode.is_reg else None,
                 )
             )
-            if inode.is_reg:
-                size = context.ciphertext_size(inode.i_size, self.fs.block_size)
-            elif inode.is_symlink:
-                size = len(view_target(self.fs, inode)[0])
             if not (inode.is_reg or inode.is_dir):
                 # Linux allows user.* xattrs only on files and directories;
                 # symlinks carry theirs in the target.
                 xattrs = {k: v for k, v in xattrs.items() if not k.startswith(b"user.")}
-        rdev = 0
-        if stat.S_ISCHR(inode.i_mode) or stat.S_ISBLK(inode.i_mode):
-            rdev = os.makedev(*inode.rdev)
-        attr = Attr(
-            st_ino=ino,
-            st_mode=inode.i_mode,
-            st_nlink=inode.i_links_count,
-            st_uid=inode.i_uid,
-            st_gid=inode.i_gid,
-            st_rdev=rdev,
-            st_size=size,
-            st_blocks=(size + 511) // 512,
-            st_atime_ns=inode.i_atime_ns,
-            st_mtime_ns=inode.i_mtime_ns,
-            st_ctime_ns=inode.i_ctime_ns,
-            generation=inode.i_generation,
-        )
-        return Node(attr, xattrs, context, raw)
+        return xattrs
 
-    def _side_node(self, ino: int) -> Node:
+    def _side_listing(self, ino: int) -> tuple[int, Listing]:
         dir_ino = ino - side_file_ino(0)
         listing = self.listing(dir_ino)
         if listing.side_file is None:
             raise ViewNotFound(ino)
-        dnode = self._node(dir_ino)
-        d = dnode.attr
-        acl = dnode.xattrs.get(ACL_ACCESS)
-        xattrs = {ACL_ACCESS: acl_read_only(acl)} if acl is not None else {}
-        attr = Attr(
+        return dir_ino, listing
+
+    def _side_attr(self, ino: int) -> Attr:
+        dir_ino, listing = self._side_listing(ino)
+        d = self.attr(dir_ino)
+        # The directory's read permission exactly: its ACL too (see _side_xattrs).
+        return Attr(
             st_ino=ino,
             st_mode=stat.S_IFREG | (d.st_mode & 0o444),
             st_nlink=1,
@@ -243,14 +489,15 @@ class View:
             st_ctime_ns=d.st_ctime_ns,
             generation=0,
         )
-        # The directory's read permission exactly: its ACL too, which the
-        # kernel enforces on the side file as on the directory.
-        return Node(attr, xattrs, None, None)
+
+    def _side_xattrs(self, ino: int) -> dict[bytes, bytes]:
+        """The directory's access ACL, read-only: the kernel enforces it on the side file
+        as on the directory."""
+        dir_ino, _listing = self._side_listing(ino)
+        acl = self._xattrs(dir_ino).get(ACL_ACCESS)
+        return {ACL_ACCESS: acl_read_only(acl)} if acl is not None else {}
 
     # -- the API the adapter uses ---------------------------------------------
-
-    def attr(self, ino: int) -> Attr:
-        return self._node(ino).attr
 
     def entries(self, dir_ino: int) -> tuple[Entry, ...]:
         return self.listing(dir_ino).entries
@@ -260,6 +507,24 @@ class View:
         return self.listing(dir_ino).damage
 
     def lookup(self, dir_ino: int, name: bytes) -> int:
+        """The inode of `name`: from the listing if it is cached, else through
+        the htree (a few blocks instead of the whole directory) if the index
+        has it, else from the listing built for it: the listing alone says
+        ENOENT, or EIO in a damaged directory."""
+        self._fresh()
+        listing = self._listings.get(dir_ino)
+        if listing is None:
+            self._before_reading(dir_ino)
+            inode = self._inode(dir_ino)
+            if not inode.is_dir:
+                raise NotADirectoryError(dir_ino)
+            try:
+                ino = lookup_in_index(self.fs, inode, name)
+            except IndexInconclusive as e:
+                log.debug("lookup of %r through the listing: %s", name, e)
+                ino = None
+            if ino is not None:
+                return ino
         listing = self.listing(dir_ino)
         ino = listing.by_name.get(name)
         if ino is None:
@@ -270,26 +535,25 @@ class View:
         return ino
 
     def xattr_names(self, ino: int) -> list[bytes]:
-        return list(self._node(ino).xattrs)
+        return list(self._xattrs(ino))
 
     def xattr(self, ino: int, name: bytes) -> bytes:
         try:
-            return self._node(ino).xattrs[name]
+            return self._xattrs(ino)[name]
         except KeyError:
             raise ViewNoAttr(name) from None
 
     def readlink(self, ino: int) -> bytes:
-        node = self._node(ino)
+        self.attr(ino)
         inode = self._inode(ino)
         if not inode.is_symlink:
             raise ViewNotFound(ino)
-        if node.context is not None:
+        if inode.is_encrypted:
             return view_target(self.fs, inode)[0]
         return self.fs.symlink_body(inode)
 
     def read(self, ino: int, offset: int, length: int) -> bytes:
-        node = self._node(ino)
-        size = node.attr.st_size
+        size = self.attr(ino).st_size
         if offset >= size or length <= 0:
             return b""
         length = min(length, size - offset)
@@ -307,7 +571,7 @@ class View:
         None for anything else, and for a small file that could not be read
         ahead (it is then read on its own, and reports its own error).
         """
-        attr = self._node(ino).attr
+        attr = self.attr(ino)
         if not is_small(attr):
             return None
         return self._ahead.contents(ino, attr)

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from ciphertextfs.ext4.dirent import EXT4_FT_SYMLINK, EXT4_FT_UNKNOWN
+from ciphertextfs.ext4.directory import IndexInconclusive
+from ciphertextfs.ext4.dirent import EXT4_FT_SYMLINK, EXT4_FT_UNKNOWN, DirEntry
 from ciphertextfs.ext4.errors import CorruptError
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
 from ciphertextfs.fscrypt.errors import FscryptError
-from ciphertextfs.fscrypt.nokey import is_long, nokey_name
+from ciphertextfs.fscrypt.nokey import is_long, nokey_name, parse_nokey_name
 from ciphertextfs.view.symlinks import view_target
 from ciphertextfs.viewformat import SIDE_FILE_NAME, encode_side_file
 
@@ -38,8 +40,14 @@ SIDE_INO_BASE = 1 << 32
 32-bit ext4 inode number, and the same on every mount (incremental backups)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+LISTING_ENTRY_BYTES = 184
+"""What CPython holds per listed entry besides the name's bytes: the Entry,
+the name's bytes object, the inode number, a dict slot and a tuple slot."""
+
+
+class Entry(NamedTuple):
+    """One name of a listing (a tuple: one per entry, and cheap to build)."""
+
     name: bytes
     ino: int
 
@@ -54,6 +62,13 @@ class Listing:
     """Contents of the long-name side file, or None when the directory needs none."""
     damage: tuple[str, ...] = ()
     """What could not be read of the directory: its listing is incomplete."""
+
+
+def listing_bytes(listing: Listing) -> int:
+    """The approximate memory a listing holds, what a cache bounded in bytes charges."""
+    names = sum(len(e.name) for e in listing.entries)
+    side = len(listing.side_file) if listing.side_file is not None else 0
+    return names + LISTING_ENTRY_BYTES * len(listing.entries) + side
 
 
 def side_file_ino(dir_ino: int) -> int:
@@ -107,6 +122,43 @@ def list_directory(fs: Filesystem, dir_inode: Inode, dir_ino: int) -> Listing:
             by_name[SIDE_FILE_NAME] = side_file_ino(dir_ino)
             entries.insert(0, Entry(SIDE_FILE_NAME, side_file_ino(dir_ino)))
     return Listing(tuple(entries), by_name, side, tuple(damage))
+
+
+def lookup_in_index(fs: Filesystem, dir_inode: Inode, name: bytes) -> int | None:
+    """The inode the listing would give `name`, found through the htree.
+
+    Only a hit is an answer: a candidate counts only if the listing would
+    show exactly `name` for it.  None means the index does not have it,
+    IndexInconclusive that the index cannot be asked (the side file, names
+    the listing rewrites, directories the index cannot serve, damage); in
+    both cases only the listing can say ENOENT or, in a damaged directory,
+    EIO.  In an encrypted directory `name` is a no-key name: a short one
+    carries the whole ciphertext name, which is hashed as the kernel does;
+    a long one only its prefix, a SHA-256 of the rest and the hash to probe
+    with.
+    """
+    if name == SIDE_FILE_NAME or b"%2F" in name or b"%00" in name:
+        raise IndexInconclusive("a name only the listing knows")
+    if not dir_inode.is_encrypted:
+        found = fs.dx_find(dir_inode, name, None, lambda de: de.name == name)
+        return None if found is None else found.inode
+    try:
+        nk = parse_nokey_name(name)
+    except FscryptError:
+        return None
+    if nk.hash & 1 and not dir_inode.is_casefold:
+        return None  # ext4 clears that bit of every hash it computes; probing with it scans on
+    readdir_hash = fs.readdir_hash(dir_inode)
+    want = (nk.hash, nk.minor_hash)
+
+    def match(de: DirEntry) -> bool:
+        return nk.matches(de.name) and readdir_hash(de) == want
+
+    if nk.sha256 is None:
+        found = fs.dx_find(dir_inode, nk.prefix, None, match)
+    else:
+        found = fs.dx_find(dir_inode, None, nk.hash, match)
+    return None if found is None else found.inode
 
 
 def _long_symlinks(fs: Filesystem, raw: list) -> dict[int, bytes]:

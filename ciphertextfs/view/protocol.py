@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from ciphertextfs.view.model import Attr
+    from ciphertextfs.view.model import Attr, Invalidations
     from ciphertextfs.view.names import Entry
 
 
@@ -40,6 +40,8 @@ class ViewProtocol(Protocol):
     """Seconds the kernel may cache entries and attributes."""
     live: bool
     """The source is a mounted filesystem: its contents may change under the view."""
+    watched: bool
+    """... and its changes are reported to `apply_changes` (ciphertextfs.live)."""
 
     def attr(self, ino: int) -> Attr: ...
 
@@ -60,3 +62,7 @@ class ViewProtocol(Protocol):
     def small_contents(self, ino: int) -> bytes | None: ...
 
     def statfs(self) -> StatfsFigures: ...
+
+    def apply_changes(
+        self, inodes: set[int], names: dict[int, set[bytes]], everything: bool = False
+    ) -> Invalidations: ...

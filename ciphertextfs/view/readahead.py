@@ -104,6 +104,12 @@ class ReadAhead:
         self._tried.clear()
         self._parents.clear()
 
+    def forget(self, ino: int, attr: Attr) -> None:
+        """Forget what was fetched of `ino` as it was when it had `attr` (it changed since)."""
+        key = contents_key(ino, attr)
+        self._cache.pop(key)
+        self._tried.pop(key)
+
     def contents(self, ino: int, attr: Attr) -> bytes | None:
         """The whole view contents of small file `ino`, fetched with its neighbours if need be."""
         key = contents_key(ino, attr)
