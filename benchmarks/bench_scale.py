@@ -788,6 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     image, meta = work / "scale.img", work / "layout.json"
     sources = ["image", "live"] if args.source == "both" else [args.source]
     load_before = os.getloadavg()
+    bench: Bench | None = None
     with common.cleanup_on_signals():
         try:
             if args.reuse:
@@ -815,6 +816,9 @@ def main(argv: list[str] | None = None) -> int:
                     with common.loop_device(image, read_only=source == "image") as dev:
                         bench.phase(source, dev, workloads)
         finally:
+            for point in (bench.vmnt, bench.gmnt) if bench else ():
+                with contextlib.suppress(OSError):
+                    point.rmdir()
             if not args.keep and not args.reuse:
                 for f in (image, meta, work / "gentree"):
                     f.unlink(missing_ok=True)
@@ -843,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         out(f"- build through the kernel: {total:.0f} s ({built})")
     out(f"- command: bench_scale {' '.join(argv if argv is not None else sys.argv[1:])}")
     out("")
-    if bench.results:
+    if bench is not None and bench.results:
         report(layout, bench, out)
     printed.save(args.results)
     return 0

@@ -420,6 +420,8 @@ def tracefs() -> Iterator[Path | None]:
     finally:
         if ours:
             harness.unmount(TRACEFS_FALLBACK)
+            with contextlib.suppress(OSError):
+                TRACEFS_FALLBACK.rmdir()
 
 
 def fuse_connection(mountpoint: Path) -> int:
