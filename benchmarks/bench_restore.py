@@ -25,7 +25,6 @@ import concurrent.futures
 import contextlib
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -217,7 +216,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except common.Interrupted as e:
-        sys.exit(f"interrupted by {e}; mounts and loop devices released")
+    common.exit_with(main)

@@ -509,7 +509,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except common.Interrupted as e:
-        sys.exit(f"interrupted by {e}; mounts and loop devices released")
+    common.exit_with(main)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from tests import harness
+from tests import harness, harness_view
 
 #: Key of the keystream that fills the benchmark files (not a secret).
 DATA_KEY = bytes(range(32))
@@ -226,6 +226,14 @@ class Interrupted(BaseException):
     """SIGTERM or SIGHUP: unwind through every finally block, then exit."""
 
 
+def exit_with(main: Callable[[], int]) -> None:
+    """Exit with main()'s status; after SIGTERM or SIGHUP, once every finally has run."""
+    try:
+        sys.exit(main())
+    except Interrupted as e:
+        sys.exit(f"interrupted by {e}; mounts and loop devices released")
+
+
 @contextlib.contextmanager
 def cleanup_on_signals() -> Iterator[None]:
     """Turn SIGTERM/SIGHUP into an exception so that mounts and loops are released."""
@@ -373,16 +381,9 @@ def gocryptfs_reverse(plain: Path, mnt: Path, conf: Path) -> Iterator[Path]:
 def fuse_daemon_pid(mountpoint: Path, program: bytes) -> int | None:
     """The process whose command line names `program` and ends with `mountpoint`."""
     wanted = os.fspath(mountpoint).encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")[:-1]
-        except OSError:
-            continue
+    for pid, argv in harness_view.live_processes():
         if argv and program in os.path.basename(argv[0]) and argv[-1] == wanted:
-            return int(entry)
+            return pid
     return None
 
 
