@@ -44,32 +44,32 @@ class LRU:
 
     def put(self, key: Hashable, value: Any, size: int = 0) -> None:
         with self._lock:
-            old = self._d.pop(key, None)
-            if old is not None:
-                self._bytes -= old[1]
-            self._d[key] = (value, size)
-            self._bytes += size
-            while len(self._d) > 1 and (
-                len(self._d) > self._max_items
-                or (self._max_bytes is not None and self._bytes > self._max_bytes)
-            ):
-                _, (_value, dropped) = self._d.popitem(last=False)
-                self._bytes -= dropped
+            self._insert(key, value, size)
+            self._evict()
 
     def put_many(self, items: list[tuple[Hashable, Any]]) -> None:
         """Put several (key, value) pairs of size 0 under one lock."""
         with self._lock:
-            d = self._d
             for key, value in items:
-                old = d.pop(key, None)
-                if old is not None:
-                    self._bytes -= old[1]
-                d[key] = (value, 0)
-            while len(d) > self._max_items or (
-                self._max_bytes is not None and self._bytes > self._max_bytes and d
-            ):
-                _, (_value, dropped) = d.popitem(last=False)
-                self._bytes -= dropped
+                self._insert(key, value, 0)
+            self._evict()
+
+    def _insert(self, key: Hashable, value: Any, size: int) -> None:
+        old = self._d.pop(key, None)
+        if old is not None:
+            self._bytes -= old[1]
+        self._d[key] = (value, size)
+        self._bytes += size
+
+    def _evict(self) -> None:
+        """Drop the least recently used until within both bounds, keeping the newest."""
+        d = self._d
+        while len(d) > 1 and (
+            len(d) > self._max_items
+            or (self._max_bytes is not None and self._bytes > self._max_bytes)
+        ):
+            _, (_value, dropped) = d.popitem(last=False)
+            self._bytes -= dropped
 
     def pop(self, key: Hashable, default: Any = None) -> Any:
         """Remove `key` (a live source changed it) and answer its value, or `default`."""
