@@ -209,15 +209,11 @@ class Filesystem:
             self._blocks.pop(old.i_file_acl)
         for pblk in self.files.forget(ino):
             self._blocks.pop(pblk)
-        sb = self.sb
-        if not 1 <= ino <= sb.s_inodes_count:
-            return
-        group, index = divmod(ino - 1, sb.s_inodes_per_group)
         try:
-            gd = self.group_desc(group)
+            blk, _off = self._inode_place(ino)
         except CorruptError:
             return
-        self._blocks.pop(gd.bg_inode_table + index * sb.inode_size // self.block_size)
+        self._blocks.pop(blk)
 
     def close(self) -> None:
         self.source.close()
