@@ -198,12 +198,16 @@ class View:
                 except OSError as e:
                     log.warning("syncfs of the live source failed: %s", e)
             with self._lock:
-                self._nodes.clear()
-                self._xattr_sets.clear()
-                self._listings.clear()
-                self.fs.drop_caches()
+                self._clear_caches()
                 self._stamp = now
             self._ahead.clear()
+
+    def _clear_caches(self) -> None:
+        """Forget every node, xattr set, listing and ext4 cache (under `_lock`)."""
+        self._nodes.clear()
+        self._xattr_sets.clear()
+        self._listings.clear()
+        self.fs.drop_caches()
 
     def _inode(self, ino: int) -> Inode:
         return self.fs.inode(ino)
@@ -329,10 +333,7 @@ class View:
             if everything:
                 old_nodes = self._nodes.keys()
                 old_listings = [(d, self._listings.get(d)) for d in self._listings.keys()]
-                self._nodes.clear()
-                self._xattr_sets.clear()
-                self._listings.clear()
-                self.fs.drop_caches()
+                self._clear_caches()
                 self._unsynced = set()
                 self._unsynced_all = True
             else:
