@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 _MISSING = object()
@@ -35,12 +35,23 @@ class LRU:
         self._bytes = 0
 
     def get(self, key: Hashable, default: Any = None) -> Any:
-        with self._lock:
-            item = self._d.get(key, _MISSING)
-            if item is _MISSING:
-                return default
+        # No lock: each OrderedDict call is atomic (it holds the GIL, or
+        # the dict's own lock in a free-threaded build), and the byte count
+        # that the lock keeps consistent is not touched.  A key evicted
+        # between the two calls was still a hit.
+        item = self._d.get(key, _MISSING)
+        if item is _MISSING:
+            return default
+        try:
             self._d.move_to_end(key)
-            return item[0]
+        except KeyError:
+            pass
+        return item[0]
+
+    def missing(self, keys: Iterable[Hashable]) -> list[Hashable]:
+        """The keys not held, in order (a test of membership: nothing is refreshed)."""
+        d = self._d
+        return [k for k in keys if k not in d]
 
     def put(self, key: Hashable, value: Any, size: int = 0) -> None:
         with self._lock:

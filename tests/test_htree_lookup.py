@@ -37,6 +37,7 @@ from ciphertextfs.view.names import (
     listing_bytes,
     lookup_in_index,
 )
+from ciphertextfs.view.symlinks import SymlinkTargets
 from tests import harness
 from tests.trees import POLICY, keys_added, lock
 
@@ -262,7 +263,7 @@ def test_listing_charges_are_honest_and_the_cache_stays_within_its_bytes(image, 
         for rel, ino in dirs.items():
             fs.drop_caches()
             tracemalloc.start()
-            listing = list_directory(fs, fs.inode(ino), ino)
+            listing = list_directory(fs, fs.inode(ino), ino, SymlinkTargets(fs))
             held = tracemalloc.get_traced_memory()[0]
             tracemalloc.stop()
             charges[rel] = listing_bytes(listing)

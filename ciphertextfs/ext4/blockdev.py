@@ -32,6 +32,8 @@ DIRECT_CHUNK = 8 << 20
 # Requests `read_data_many` keeps in flight: a device answers a queue of
 # small random reads many times faster than the same reads one by one.
 QUEUE_DEPTH = 8
+# Bytes asked for per readahead hint: within any device's readahead window.
+ADVISE_PIECE = 128 << 10
 
 
 class BlockSource:
@@ -114,6 +116,21 @@ class BlockSource:
         """Buffered read of exactly `length` bytes."""
         self._check_range(offset, length, what)
         return self._pread_full(self._fd, offset, length, what)
+
+    def advise(self, offset: int, length: int) -> None:
+        """Let the page cache read a metadata range ahead (a hint: errors are ignored).
+
+        The kernel reads at most the device's readahead window per
+        POSIX_FADV_WILLNEED, so a longer range is asked for in pieces.
+        """
+        end = min(offset + length, self.size)
+        try:
+            while 0 <= offset < end:
+                piece = min(ADVISE_PIECE, end - offset)
+                os.posix_fadvise(self._fd, offset, piece, os.POSIX_FADV_WILLNEED)
+                offset += piece
+        except OSError:
+            pass
 
     @staticmethod
     def _pread_full(fd: int, offset: int, length: int, what: str) -> bytes:

@@ -9,7 +9,7 @@ encrypted entry's no-key name carries.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from . import dirent as _dirent
@@ -18,6 +18,9 @@ from .dirhash import DX_HASH_TEA, dx_hash_version, ext4fs_dirhash
 from .errors import CorruptError
 from .inode import EXT4_CASEFOLD_FL, EXT4_ENCRYPT_FL, EXT4_INDEX_FL, I_BLOCK_SIZE, Inode
 from .superblock import COMPAT_DIR_INDEX, INCOMPAT_FILETYPE, INCOMPAT_LARGEDIR
+
+#: Directory blocks read in one request (an extent longer than this takes several).
+DIR_RUN_BLOCKS = 256
 
 if TYPE_CHECKING:
     from .fs import Filesystem
@@ -287,14 +290,13 @@ class Directories:
             expect = max(expect, m.lblk + m.len)
             if m.unwritten:
                 continue
-            for k in range(min(m.len, nblocks - m.lblk)):
+            for k, block in enumerate(
+                self._dir_blocks(m.pblk, min(m.len, nblocks - m.lblk), m.lblk, what, bad)
+            ):
+                if block is None:
+                    continue
                 lblk = m.lblk + k
                 bwhat = f"{what} block {lblk}"
-                try:
-                    block = fs.read_block(m.pblk + k, cache=False)
-                except (CorruptError, OSError) as e:
-                    bad(f"{bwhat}: cannot be read: {e}")
-                    continue
                 if indexed and lblk == 0:
                     if seed is not None:
                         self._check_dx(block, _dirent.dx_root_count_offset(block), seed, bwhat)
@@ -312,6 +314,33 @@ class Directories:
         if expect < nblocks:
             bad(f"{what}: hole at block {expect}")
         return out, damage
+
+    def _dir_blocks(
+        self, pblk: int, count: int, lblk: int, what: str, bad: Callable[[str], None]
+    ) -> Iterator[bytes | None]:
+        """The blocks of one extent, read DIR_RUN_BLOCKS at a time; None for one unreadable.
+
+        A run that cannot be read is read again block by block, so that
+        each bad block is reported and the others are still listed.
+        """
+        fs = self.fs
+        bs = fs.block_size
+        for first in range(0, count, DIR_RUN_BLOCKS):
+            n = min(DIR_RUN_BLOCKS, count - first)
+            try:
+                run = fs.read_run(pblk + first, n)
+            except (CorruptError, OSError):
+                pass
+            else:
+                for i in range(n):
+                    yield run[i * bs : (i + 1) * bs]
+                continue
+            for k in range(first, first + n):
+                try:
+                    yield fs.read_block(pblk + k, cache=False)
+                except (CorruptError, OSError) as e:
+                    bad(f"{what} block {lblk + k}: cannot be read: {e}")
+                    yield None
 
     def _check_dx(self, block: bytes, count_offset: int, seed: int, what: str) -> None:
         ok = _dirent.dx_checksum_ok(block, count_offset, seed)

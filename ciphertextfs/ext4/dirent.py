@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .crc import crc32c
 from .errors import CorruptError
@@ -38,9 +39,8 @@ _TAIL = struct.Struct("<IHBBI")
 _COUNTLIMIT = struct.Struct("<HH")
 
 
-@dataclass(frozen=True, slots=True)
-class DirEntry:
-    """One directory entry; `name` is the raw on-disk bytes.
+class DirEntry(NamedTuple):
+    """One directory entry; `name` is the raw on-disk bytes (a tuple: one per entry).
 
     hash/minor_hash are set only for encrypted+casefolded directories, which
     store the name's hash after the name because it cannot be recomputed

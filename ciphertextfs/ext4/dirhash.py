@@ -17,6 +17,7 @@ hold the two equal to each other and to debugfs.
 import ctypes
 import ctypes.util
 import struct
+import threading
 
 from ciphertextfs.ext4.errors import CorruptError
 
@@ -193,7 +194,10 @@ def _load_ext2fs_dirhash():  # noqa: ANN202 - a ctypes function or None
     """libext2fs's ext2fs_dirhash(version, name, len, seed, &hash, &minor), or None.
 
     It takes the name with its length, so NUL bytes of a ciphertext name
-    are hashed like any other byte.
+    are hashed like any other byte.  No argtypes: every listing hashes each
+    of its names, and ctypes' default conversions (a Python int to a C int,
+    bytes to char *, None to NULL, byref to a pointer) are what it takes,
+    several times cheaper than checked ones.
     """
     try:
         lib = ctypes.CDLL(ctypes.util.find_library("ext2fs") or "libext2fs.so.2")
@@ -201,18 +205,21 @@ def _load_ext2fs_dirhash():  # noqa: ANN202 - a ctypes function or None
     except (OSError, AttributeError):
         return None
     fn.restype = ctypes.c_long
-    fn.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.POINTER(ctypes.c_uint32),
-        ctypes.POINTER(ctypes.c_uint32),
-    ]
     return fn
 
 
+class _HashOut(threading.local):
+    """The two output words of one thread's calls (ctypes drops the GIL while in C)."""
+
+    def __init__(self) -> None:
+        self.hash = ctypes.c_uint32()
+        self.minor = ctypes.c_uint32()
+        self.hash_ref = ctypes.byref(self.hash)
+        self.minor_ref = ctypes.byref(self.minor)
+
+
 _ext2fs_dirhash = _load_ext2fs_dirhash()
+_out = _HashOut()
 _NATIVE_VERSIONS = frozenset(range(DX_HASH_LEGACY, DX_HASH_TEA_UNSIGNED + 1))
 
 
@@ -228,11 +235,10 @@ def ext4fs_dirhash(name: bytes, hash_version: int, seed: bytes | None) -> tuple[
         return python_dirhash(name, hash_version, seed)
     if seed is not None and len(seed) != 16:
         raise ValueError("s_hash_seed is 16 bytes")
-    hash_ = ctypes.c_uint32()
-    minor = ctypes.c_uint32()
-    if fn(hash_version, name, len(name), seed, ctypes.byref(hash_), ctypes.byref(minor)):
+    out = _out
+    if fn(hash_version, name, len(name), seed, out.hash_ref, out.minor_ref):
         return python_dirhash(name, hash_version, seed)
-    return hash_.value, minor.value
+    return out.hash.value, out.minor.value
 
 
 def python_dirhash(name: bytes, hash_version: int, seed: bytes | None) -> tuple[int, int]:

@@ -8,7 +8,7 @@ returned as references so the caller, which can read inodes, fetches them.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ciphertextfs.posix_acl import XATTR_NAME_POSIX_ACL_ACCESS, XATTR_NAME_POSIX_ACL_DEFAULT
 
@@ -49,8 +49,7 @@ ENTRY_HEADER = 16
 _ENTRY = struct.Struct("<BBHIII")  # name_len, name_index, value_offs, value_inum, size, hash
 
 
-@dataclass(frozen=True, slots=True)
-class Xattr:
+class Xattr(NamedTuple):
     """One extended attribute with its raw name index and name suffix."""
 
     name_index: int
@@ -58,8 +57,7 @@ class Xattr:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class RawEntry:
+class RawEntry(NamedTuple):
     """An entry as parsed; `value_inum` != 0 means the value lives in an EA inode."""
 
     name_index: int

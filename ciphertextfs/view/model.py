@@ -42,7 +42,7 @@ from ciphertextfs.view.names import (
 )
 from ciphertextfs.view.protocol import StatfsFigures
 from ciphertextfs.view.readahead import ReadAhead, is_small
-from ciphertextfs.view.symlinks import view_target
+from ciphertextfs.view.symlinks import SymlinkTargets
 from ciphertextfs.view.xattrs import acl_read_only, fscrypt_context_raw, passthrough_xattrs
 from ciphertextfs.viewformat import SIDE_FILE_NAME, encode_dir_xattrs, encode_inode_xattrs
 
@@ -178,6 +178,7 @@ class View:
         self._policies = LRU(256)
         """Parsed fscrypt contexts by everything but their nonce: what sizes depend on."""
         self._listings = LRU(4096, LISTING_CACHE_BYTES)
+        self._symlinks = SymlinkTargets(fs)
         self._ahead = ReadAhead(fs, self.attr, self._inode, self._listings.get)
         self._lock = threading.Lock()
         self._stamp = time.monotonic()
@@ -207,6 +208,7 @@ class View:
         self._nodes.clear()
         self._xattr_sets.clear()
         self._listings.clear()
+        self._symlinks.clear()
         self.fs.drop_caches()
 
     def _inode(self, ino: int) -> Inode:
@@ -242,7 +244,7 @@ class View:
             inode = self._inode(dir_ino)
             if not inode.is_dir:
                 raise NotADirectoryError(dir_ino)
-            listing = list_directory(self.fs, inode, dir_ino)
+            listing = list_directory(self.fs, inode, dir_ino, self._symlinks)
             with self._lock:
                 if epoch == self._epoch:
                     self._listings.put(dir_ino, listing, listing_bytes(listing))
@@ -269,9 +271,9 @@ class View:
             {ino for _name, ino in listing.entries if not is_side_ino(ino) and ino not in unsynced}
         )
         for start in range(0, len(inos), ATTRS_AHEAD_BATCH):
-            chunk = [i for i in inos[start : start + ATTRS_AHEAD_BATCH] if nodes.get(i) is None]
+            chunk = nodes.missing(inos[start : start + ATTRS_AHEAD_BATCH])
             found = []
-            for ino, inode in zip(chunk, self.fs.inodes(chunk), strict=True):
+            for ino, inode in zip(chunk, self.fs.inodes(chunk, cache=False), strict=True):
                 if inode is None:
                     continue
                 try:
@@ -349,6 +351,7 @@ class View:
                         old_nodes.append(side_file_ino(ino))
                     self._xattr_sets.pop(ino)
                     self._xattr_sets.pop(side_file_ino(ino))
+                    self._symlinks.forget(ino)
                     self.fs.forget_inode(ino)
                 if len(self._unsynced) + len(changed) > UNSYNCED_MAX:
                     self._unsynced_all = True
@@ -415,7 +418,7 @@ class View:
             if inode.is_reg:
                 size = context.ciphertext_size(inode.i_size, self.fs.block_size)
             elif inode.is_symlink:
-                size = len(view_target(self.fs, inode)[0])
+                size = len(self._symlinks.get(inode)[0])
         mode = inode.i_mode
         rdev = 0
         if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
@@ -550,7 +553,7 @@ class View:
         if not inode.is_symlink:
             raise ViewNotFound(ino)
         if inode.is_encrypted:
-            return view_target(self.fs, inode)[0]
+            return self._symlinks.get(inode)[0]
         return self.fs.symlink_body(inode)
 
     def read(self, ino: int, offset: int, length: int) -> bytes:

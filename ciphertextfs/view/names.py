@@ -24,13 +24,12 @@ from typing import NamedTuple
 
 from ciphertextfs.ext4.directory import IndexInconclusive
 from ciphertextfs.ext4.dirent import EXT4_FT_SYMLINK, EXT4_FT_UNKNOWN, DirEntry
-from ciphertextfs.ext4.errors import CorruptError
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
 from ciphertextfs.fscrypt.errors import FscryptError
 from ciphertextfs.fscrypt.nokey import is_long, nokey_name, parse_nokey_name
-from ciphertextfs.view.symlinks import view_target
+from ciphertextfs.view.symlinks import SymlinkTargets
 from ciphertextfs.viewformat import SIDE_FILE_NAME, encode_side_file
 
 log = logging.getLogger("ciphertextfs")
@@ -79,7 +78,9 @@ def is_side_ino(ino: int) -> bool:
     return ino >= SIDE_INO_BASE
 
 
-def list_directory(fs: Filesystem, dir_inode: Inode, dir_ino: int) -> Listing:
+def list_directory(
+    fs: Filesystem, dir_inode: Inode, dir_ino: int, targets: SymlinkTargets
+) -> Listing:
     """Build the view's listing of one directory.
 
     Raises the ext4 layer's CorruptError when the directory itself cannot be
@@ -104,7 +105,7 @@ def list_directory(fs: Filesystem, dir_inode: Inode, dir_ino: int) -> Listing:
     else:
         for de in raw:
             _add(entries, by_name, _presentable(de.name, dir_ino), de.inode, dir_ino)
-    long_links = _long_symlinks(fs, raw)
+    long_links = _long_symlinks(fs, raw, targets)
 
     side = None
     if long_names or long_links:
@@ -161,27 +162,26 @@ def lookup_in_index(fs: Filesystem, dir_inode: Inode, name: bytes) -> int | None
     return None if found is None else found.inode
 
 
-def _long_symlinks(fs: Filesystem, raw: list) -> dict[int, bytes]:
+def _long_symlinks(fs: Filesystem, raw: list, targets: SymlinkTargets) -> dict[int, bytes]:
     """Inline targets of the encrypted symlinks too long for a view target, by inode.
 
     A symlink that cannot be read is left out: it answers EIO on its own.
     """
-    out: dict[int, bytes] = {}
     if not fs.sb.has_incompat(INCOMPAT_ENCRYPT):
-        return out
-    for de in raw:
-        if de.file_type not in (EXT4_FT_SYMLINK, EXT4_FT_UNKNOWN) or de.inode in out:
-            continue
-        try:
-            inode = fs.inode(de.inode)
-            if not (inode.is_symlink and inode.is_encrypted):
-                continue
-            _target, inline = view_target(fs, inode)
-        except (CorruptError, FscryptError):
-            continue
-        if inline is not None:
-            out[de.inode] = inline
-    return out
+        return {}
+    candidates = sorted(
+        {de.inode for de in raw if de.file_type in (EXT4_FT_SYMLINK, EXT4_FT_UNKNOWN)}
+    )
+    links = [
+        inode
+        for inode in fs.inodes(candidates)
+        if inode is not None and inode.is_symlink and inode.is_encrypted
+    ]
+    return {
+        ino: inline
+        for ino, (_target, inline) in targets.get_many(links).items()
+        if inline is not None
+    }
 
 
 def _presentable(name: bytes, dir_ino: int) -> bytes:

@@ -21,6 +21,8 @@ again, and held in a byte-bounded LRU.
 from __future__ import annotations
 
 import stat
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -56,6 +58,9 @@ CACHE_BYTES = 16 << 20
 PARENT_HINTS = 1 << 18
 """Entries whose directory and position are remembered."""
 
+UNINDEXED_MAX = 4096
+"""Listings noted but not yet indexed that are remembered (the newest)."""
+
 
 def contents_key(ino: int, attr: Attr) -> tuple[int, int, int, int, int]:
     return (ino, attr.generation, attr.st_ctime_ns, attr.st_mtime_ns, attr.st_size)
@@ -89,20 +94,46 @@ class ReadAhead:
         # later read rescan the directory.
         self._tried = LRU(65536)
         # ino -> (directory, position in its listing); a plain dict, emptied
-        # when full, is cheaper than an LRU insertion per entry.
+        # when full, is cheaper than an LRU insertion per entry.  Filled
+        # from `_unindexed`, the directories listed since, only when a read
+        # needs it: a walk that reads nothing (find, ls, an unchanged
+        # rsync) never pays for it.
         self._parents: dict[int, tuple[int, int]] = {}
+        self._unindexed: OrderedDict[int, None] = OrderedDict()
+        self._lock = threading.Lock()
 
     def note_listing(self, dir_ino: int, listing: Listing) -> None:
-        """Remember where each entry of a fresh listing sits."""
-        if len(self._parents) + len(listing.entries) > PARENT_HINTS:
-            self._parents.clear()
-        self._parents.update((e.ino, (dir_ino, i)) for i, e in enumerate(listing.entries))
+        """Remember a fresh listing, whose entries' places a read may look up."""
+        with self._lock:
+            self._unindexed[dir_ino] = None
+            self._unindexed.move_to_end(dir_ino)
+            if len(self._unindexed) > UNINDEXED_MAX:
+                self._unindexed.popitem(last=False)
+
+    def _where(self, ino: int) -> tuple[int, int] | None:
+        """(directory, position) of `ino`, indexing the listings noted since, newest first."""
+        with self._lock:
+            where = self._parents.get(ino)
+            while where is None and self._unindexed:
+                dir_ino, _ = self._unindexed.popitem()
+                listing = self._listing(dir_ino)
+                if listing is None:
+                    continue
+                if len(self._parents) + len(listing.entries) > PARENT_HINTS:
+                    self._parents.clear()
+                self._parents.update(
+                    (e.ino, (dir_ino, i)) for i, e in enumerate(listing.entries)
+                )
+                where = self._parents.get(ino)
+            return where
 
     def clear(self) -> None:
         """Forget everything fetched (a live source's caches expired)."""
         self._cache.clear()
         self._tried.clear()
-        self._parents.clear()
+        with self._lock:
+            self._parents.clear()
+            self._unindexed.clear()
 
     def forget(self, ino: int, attr: Attr) -> None:
         """Forget what was fetched of `ino` as it was when it had `attr` (it changed since)."""
@@ -115,7 +146,7 @@ class ReadAhead:
         key = contents_key(ino, attr)
         data = self._cache.get(key)
         if data is None and self._tried.get(key) is None:
-            where = self._parents.get(ino)
+            where = self._where(ino)
             if where is not None:
                 self._batch(*where)
                 data = self._cache.get(key)
