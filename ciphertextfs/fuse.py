@@ -74,6 +74,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from ciphertextfs import fuseloop
 from ciphertextfs.pagecache import PageCacheBudget
 from ciphertextfs.view.model import ViewNoAttr, ViewNotFound
 from ciphertextfs.view.protocol import ViewProtocol
@@ -596,6 +597,7 @@ def serve(
     end the loop and unmount; `fusermount3 -u` ends the loop from outside.
     """
     pyfuse3.init(ops, mountpoint, options)
+    fuseloop.enable()
     gc.set_threshold(*GC_THRESHOLDS)
     try:
         watch = ops.watch_changes if ops.changes is not None else None

@@ -214,3 +214,34 @@ def test_htree_root_checksum_is_checked_where_the_kernel_puts_it(ext4, tmp_path:
     assert names == {fname(i) for i in range(FILES)}
     assert len(warnings) == 1 and "htree block checksum mismatch" in warnings[0], warnings
     assert subprocess.run(["e2fsck", "-fn", image], capture_output=True).returncode != 0
+
+
+def test_an_unreadable_block_costs_that_block_only(ext4, tmp_path: Path) -> None:
+    """A directory's extent is read in one request; when that fails (here the
+    image ends inside it), every block before the bad one is still listed
+    and the bad one is named."""
+    from ciphertextfs.ext4 import dirent
+    from ciphertextfs.ext4.fs import Filesystem
+
+    names = {f"entry-{i:04d}-" + "y" * 80 for i in range(300)}
+    with ext4(features=("^dir_index",), size_mb=32) as (image, _dev, mnt):
+        (mnt / "wide").mkdir()
+        for n in sorted(names):
+            (mnt / "wide" / n).write_bytes(b"")
+    blocks = blocks_of(image, "/wide")
+    assert len(blocks) >= 4 and blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+
+    with Filesystem.open(image) as fs:
+        wide = next(e.inode for e in fs.read_dir(fs.inode(2)) if e.name == b"wide")
+        last = fs.read_block(blocks[-1], cache=False)
+        common = {"block_size": 4096, "inodes_count": fs.sb.s_inodes_count, "filetype": True}
+        lost = dirent.parse_entries(last, hashed=False, what="", warn=print, **common)
+        assert lost, "the last directory block holds no entries"
+    with open(image, "r+b") as f:
+        f.truncate(blocks[-1] * 4096 + 2048)
+
+    with Filesystem.open(image) as fs:
+        entries, damage = fs.read_dir_checked(fs.inode(wide))
+    listed = {e.name.decode() for e in entries}
+    assert listed == names - {e.name.decode() for e in lost}
+    assert len(damage) == 1 and f"block {len(blocks) - 1}: cannot be read" in damage[0], damage
