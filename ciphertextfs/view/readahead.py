@@ -121,9 +121,7 @@ class ReadAhead:
                     continue
                 if len(self._parents) + len(listing.entries) > PARENT_HINTS:
                     self._parents.clear()
-                self._parents.update(
-                    (e.ino, (dir_ino, i)) for i, e in enumerate(listing.entries)
-                )
+                self._parents.update((e.ino, (dir_ino, i)) for i, e in enumerate(listing.entries))
                 where = self._parents.get(ino)
             return where
 
