@@ -340,8 +340,10 @@ def build(image: Path, work: Path, p: Plan, listing: Plan | None, log) -> Layout
                         )
                         procs.append(proc)
                         assert proc.stdin is not None
-                        proc.stdin.write(what.text().encode())
-                        proc.stdin.close()
+                        # A generator that fails stops reading: its stderr says why.
+                        with contextlib.suppress(BrokenPipeError):
+                            proc.stdin.write(what.text().encode())
+                            proc.stdin.close()
                     for proc in procs:
                         err = proc.stderr.read() if proc.stderr else b""
                         if proc.wait() != 0:

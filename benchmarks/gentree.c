@@ -204,7 +204,7 @@ static void op_links(long id, long src, long count)
 	}
 	for (long i = 0; i < count; i++) {
 		make_name(name, "", dirs[src].fseed, i, dirs[src].fmin, dirs[src].fmax);
-		snprintf(link, sizeof(link), "h%.*s", NAME_MAX_BYTES - 1, name);
+		snprintf(link, sizeof(link), "H%.*s", NAME_MAX_BYTES - 1, name);
 		if (linkat(sfd, name, dfd, link, 0) != 0)
 			die("link", link);
 	}
@@ -231,7 +231,7 @@ static void op_symlinks(long id, long count, int maxlen, uint64_t seed)
 			pos++;
 		}
 		target[len] = '\0';
-		make_name(name, "l", seed, i, 4, 30);
+		make_name(name, "L", seed, i, 4, 30);
 		if (symlinkat(target, dfd, name) != 0)
 			die("symlink", name);
 	}

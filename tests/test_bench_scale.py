@@ -80,8 +80,8 @@ def test_gentree_writes_the_planned_tree(tmp_path: Path) -> None:
         for name in dirnames + filenames:
             names += 1
             longest = max(longest, len(name.encode()))
-        links += sum(1 for f in filenames if f.startswith("h"))
-    for path in root.rglob("l*"):
+        links += sum(1 for f in filenames if f.startswith("H"))
+    for path in root.rglob("L*"):
         symlinks += path.is_symlink()
     assert names == p.entries
     assert longest > bench_scale.LONG_NAME_MIN
