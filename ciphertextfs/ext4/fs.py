@@ -57,10 +57,10 @@ META_CACHE_BLOCKS = 2048
 META_CACHE_BYTES = 16 << 20
 INODE_CACHE = 8192
 GDESC_CACHE = 16384
-#: Inode tables are read this many bytes at a time (at least one block).
-#: A directory lists its inodes in hash order, scattered over the table:
-#: one read of 256 inodes costs about what one of 16 does, and later
-#: entries find their inode already read.
+#: Inode tables are read and cached this many bytes at a time (at least one
+#: block).  A directory lists its inodes in hash order, scattered over the
+#: tables, so larger chunks only copy more per miss once the tables outgrow
+#: the cache; reading ahead is left to the page cache (`_advise_table`).
 INODE_TABLE_CHUNK = 4 << 10
 INODE_TABLE_CACHE_BYTES = 32 << 20
 MAX_JOURNAL_BLOCKS = 1 << 24
@@ -100,6 +100,7 @@ class Filesystem:
         self._inode_size = sb.inode_size
         self._table_blocks = -(-(sb.s_inodes_per_group * sb.inode_size) // self.block_size)
         self._chunk_blocks = max(1, INODE_TABLE_CHUNK // self.block_size)
+        self._chunk_bytes = self._chunk_blocks * self.block_size
 
     # -- opening ----------------------------------------------------------
 
@@ -320,7 +321,7 @@ class Filesystem:
         return inode
 
     def inodes(self, inos: Sequence[int], *, cache: bool = True) -> list[Inode | None]:
-        """Several inodes at once, each inode table block looked up once for all of them.
+        """Several inodes at once, each inode table chunk looked up once for all of them.
 
         None where an inode cannot be read (damaged, or an I/O error): its
         own `inode` call says why.
@@ -362,8 +363,7 @@ class Filesystem:
             raise CorruptError(f"inode {ino}: group {group} inode table outside the filesystem")
         if gd.bg_inode_table not in self._advised:
             self._advise_table(gd)
-        chunk_bytes = self._chunk_blocks * self.block_size
-        chunk, off = divmod(index * self._inode_size, chunk_bytes)
+        chunk, off = divmod(index * self._inode_size, self._chunk_bytes)
         return (gd.bg_inode_table, chunk), off
 
     def _advise_table(self, gd: GroupDesc) -> None:

@@ -248,7 +248,7 @@ class View:
             with self._lock:
                 if epoch == self._epoch:
                     self._listings.put(dir_ino, listing, listing_bytes(listing))
-            self._ahead.note_listing(dir_ino, listing)
+            self._ahead.note_listing(dir_ino)
             self._attrs_ahead(listing, epoch)
         return listing
 

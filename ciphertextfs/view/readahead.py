@@ -102,8 +102,8 @@ class ReadAhead:
         self._unindexed: OrderedDict[int, None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def note_listing(self, dir_ino: int, listing: Listing) -> None:
-        """Remember a fresh listing, whose entries' places a read may look up."""
+    def note_listing(self, dir_ino: int) -> None:
+        """Remember that `dir_ino` was listed afresh: a read may look its entries up."""
         with self._lock:
             self._unindexed[dir_ino] = None
             self._unindexed.move_to_end(dir_ino)
