@@ -398,6 +398,7 @@ class CiphertextOperations(pyfuse3.Operations):
         if self._limiter is None or size <= SMALL_READ:
             data = self.view.read(fh, off, size)
         else:
+            fuseloop.hand_over()
             data = await trio.to_thread.run_sync(
                 self.view.read, fh, off, size, limiter=self._limiter
             )

@@ -14,6 +14,8 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,72 @@ def test_concurrent_readers_of_small_files(image: Path, tmp_path: Path) -> None:
         assert int(done.stdout) == len(expected)
         for name, data in expected.items():
             assert (v.mountpoint / "smalls" / name).read_bytes() == data, name
+
+
+def test_a_stalled_large_read_does_not_stall_other_requests(image: Path, tmp_path: Path) -> None:
+    """While one large read waits on the device, the view answers everyone else.
+
+    The loop keeps its read turn until a handler is about to wait
+    (ciphertextfs.fuseloop); a read that went to a worker thread without
+    handing the turn over would leave every other request queued behind it.
+    """
+    gate, mnt = tmp_path / "gate", tmp_path / "v"
+    gate.mkdir()
+    mnt.mkdir()
+    repo = Path(__file__).resolve().parent.parent
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.gated_view", image, mnt, gate], cwd=repo
+    )
+    reader = None
+    try:
+        _wait_for(gate / "ready", server)
+        big = mnt / "d" / "big"
+        reader = subprocess.Popen(
+            ["dd", f"if={big}", "of=/dev/null", "bs=1M", "count=1", "iflag=direct"],
+            stderr=subprocess.PIPE,
+        )
+        _wait_for(gate / "reading", server)
+        answers: dict[str, object] = {}
+
+        def others() -> None:
+            answers["listxattr"] = os.listxattr(mnt / "d" / "f")
+            answers["getxattr"] = os.getxattr(mnt / "d" / "f", "user.note")
+            answers["listdir"] = sorted(os.listdir(mnt / "d"))
+
+        worker = threading.Thread(target=others, daemon=True)
+        worker.start()
+        worker.join(10)
+        answered_while_stalled = not worker.is_alive()
+        assert reader.poll() is None, "the large read did not wait at the gate"
+        (gate / "go").touch()
+        _, err = reader.communicate(timeout=60)
+        assert reader.returncode == 0, err
+        worker.join(60)
+        assert answered_while_stalled, "other requests waited for the stalled read"
+        assert answers["getxattr"] == b"\x00binary\xff"
+        assert "user.note" in answers["listxattr"]
+        assert "big" in answers["listdir"] and "f" in answers["listdir"]
+    finally:
+        (gate / "go").touch()
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+            reader.wait()
+        harness.unmount(mnt)
+        try:
+            server.wait(timeout=30)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+    assert server.returncode == 0
+
+
+def _wait_for(path: Path, server: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert server.poll() is None, f"the view exited ({server.returncode})"
+        assert time.monotonic() < deadline, f"{path.name} did not appear"
+        time.sleep(0.05)
 
 
 def test_statfs_matches_kernel(image: Path, tmp_path: Path) -> None:
