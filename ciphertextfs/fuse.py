@@ -24,8 +24,10 @@ layer and are not cached twice.
 The mount's readahead is raised so that the kernel keeps several 1 MiB
 requests in flight and the device read of one overlaps the reply of
 another.  Large reads run in worker threads for that overlap, and so that
-lookups and getattr keep being answered meanwhile; small reads are answered
-in the event loop, where they cost less than the hand-off to a thread.
+lookups and getattr keep being answered meanwhile (the handler hands
+pyfuse3's read turn to another task first: `fuseloop.hand_over`); small
+reads are answered in the event loop, where they cost less than the
+hand-off to a thread.
 libfuse's max_read option cannot be used: pyfuse3 has no way to set the
 matching conn->max_read and libfuse then refuses to mount.
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ciphertextfs.ext4.directory import IndexInconclusive
 from ciphertextfs.ext4.dirent import EXT4_NAME_LEN
-from ciphertextfs.ext4.fs import Filesystem
+from ciphertextfs.ext4.fs import INODE_CACHE, Filesystem
 from ciphertextfs.ext4.inode import EXT4_ROOT_INO, Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
 from ciphertextfs.ext4.xattr import EXT4_XATTR_INDEX_ENCRYPTION
@@ -75,7 +75,11 @@ ATTRS_AHEAD_MAX = 16384
 """Largest directory whose entries' attributes are built along with its listing."""
 
 ATTRS_AHEAD_BATCH = 512
-"""Inodes read per batch then: few enough to stay in the reader's inode cache."""
+"""Inodes read per batch then."""
+
+ATTRS_AHEAD_KEPT = INODE_CACHE // 4
+"""Largest directory whose inodes, read for its attributes, stay in the reader's
+inode cache for the xattr requests that rsync -X and tar --xattrs send next."""
 
 LISTING_CACHE_BYTES = 128 << 20
 """Listings in memory at once: a few directories of a few 100,000 entries, within
@@ -270,10 +274,11 @@ class View:
         inos = sorted(
             {ino for _name, ino in listing.entries if not is_side_ino(ino) and ino not in unsynced}
         )
+        keep = len(inos) <= ATTRS_AHEAD_KEPT
         for start in range(0, len(inos), ATTRS_AHEAD_BATCH):
             chunk = nodes.missing(inos[start : start + ATTRS_AHEAD_BATCH])
             found = []
-            for ino, inode in zip(chunk, self.fs.inodes(chunk, cache=False), strict=True):
+            for ino, inode in zip(chunk, self.fs.inodes(chunk, cache=keep), strict=True):
                 if inode is None:
                     continue
                 try:
