@@ -87,7 +87,7 @@ class _Session:
                 if time.perf_counter() >= deadline:
                     self.in_a_row = 0
                     await trio.lowlevel.wait_readable(fd)
-                    self.ready(fd)
+                    self.ready(fd)  # for what it says of the session's end
                     return
         self.in_a_row += 1
         if self.in_a_row >= YIELD_EVERY:
