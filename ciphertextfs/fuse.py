@@ -71,15 +71,19 @@ import signal
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
 from ciphertextfs import fuseloop
+from ciphertextfs.fusedirent import bare_entry
 from ciphertextfs.pagecache import PageCacheBudget
 from ciphertextfs.view.model import ViewNoAttr, ViewNotFound
 from ciphertextfs.view.protocol import ViewProtocol
+
+if TYPE_CHECKING:
+    from ciphertextfs.view.names import Entry
 
 log = logging.getLogger("ciphertextfs")
 
@@ -97,6 +101,11 @@ CACHE_WINDOW = 32 << 20
 #: Reads up to this size are answered in the event loop, larger ones in a
 #: worker thread.
 SMALL_READ = 128 << 10
+
+#: Entries the view builds the attributes of ahead of a listing's first
+#: reply: more than a reply holds (32 KiB for glibc's readdir), so that a
+#: directory that fits in one is built whole, in inode number order.
+FIRST_REPLY_ENTRIES = 256
 
 #: Concurrent blocking reads in worker threads.  Two lets a read waiting on
 #: the device overlap with another one and keeps metadata requests flowing
@@ -154,6 +163,21 @@ def _fuse_errors(
     return wrapper
 
 
+@dataclass(slots=True)
+class _DirHandle:
+    """An open directory: its listing as opendir saw it, and how it is being read."""
+
+    node: int
+    entries: Sequence[Entry]
+    damaged: bool
+    lookups: int = -1
+    """`ServeStats.lookups` when the previous reply was sent."""
+    stats: bool = False
+    """The reader stats the entries: every reply carries attributes."""
+    ahead: bool = False
+    """The view was told that the rest of the listing's attributes come next."""
+
+
 @dataclass
 class ServeStats:
     """What a mount served, for the summary logged at unmount."""
@@ -203,7 +227,7 @@ class CiphertextOperations(pyfuse3.Operations):
         self.timeout = float(view.cache_timeout)
         self.keep_cache = not view.live or view.watched
         self._limiter = trio.CapacityLimiter(read_threads) if read_threads > 0 else None
-        self._dir_handles: dict[int, tuple[int, Sequence[Any], bool]] = {}
+        self._dir_handles: dict[int, _DirHandle] = {}
         self._open_counts: dict[int, int] = {}
         self._can_store = True
         self.page_cache = PageCacheBudget(CACHE_WINDOW, self._to_node)
@@ -286,8 +310,27 @@ class CiphertextOperations(pyfuse3.Operations):
         entries = self.view.entries(ino)
         fh = self._next_fh
         self._next_fh += 1
-        self._dir_handles[fh] = (inode, entries, bool(self.view.damage(ino)))
+        self._dir_handles[fh] = _DirHandle(inode, entries, bool(self.view.damage(ino)))
         return fh
+
+    def _with_attributes(self, handle: _DirHandle, start_id: int) -> bool:
+        """Whether a readdir reply carries its entries' attributes.
+
+        The kernel's own rule for READDIRPLUS_AUTO, which pyfuse3 turns off:
+        the first reply of a listing does, for the reader that stats what it
+        lists (most directories fit in one reply); a later one only if the
+        reader looked names up since the previous reply, that is, if it
+        stats the entries of replies without attributes (rsync does, between
+        its getdents calls), and from then on to the end of the listing.
+        `ls -f` and `find` never do, and get names and file types alone: no
+        inode is read for them.  A reader that stats only after the whole
+        listing (tar) looks each name up instead.
+        """
+        if bare_entry is None or start_id == 0 or handle.stats:
+            return True
+        if self.stats.lookups != handle.lookups:
+            handle.stats = True
+        return handle.stats
 
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -296,17 +339,28 @@ class CiphertextOperations(pyfuse3.Operations):
         An entry whose inode cannot be read is still listed, with attributes
         that the kernel must not cache, so that the next stat of it answers
         EIO: a backup tool then reports that entry instead of never knowing
-        it existed.
+        it existed.  A reply without attributes lists every entry whose
+        file type the directory gives, by inode number and type alone
+        (`fusedirent`), and reads no inode.
 
         A directory partly damaged lists its sound entries, then fails with
         EIO: the error must come in a reply of its own (an error reply
         drops the entries of the same reply), so it answers the request
         that starts past the last entry.
         """
-        dir_node, entries, damaged = self._dir_handles.get(fh, (None, None, False))
-        if entries is None:
+        handle = self._dir_handles.get(fh)
+        if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        own = self._entry(self._to_view(dir_node))
+        entries = handle.entries
+        with_attrs = self._with_attributes(handle, start_id)
+        handle.lookups = self.stats.lookups
+        if with_attrs and start_id == 0:
+            self.view.attrs_ahead(self._to_view(handle.node), entries[:FIRST_REPLY_ENTRIES])
+        elif with_attrs and not handle.ahead:
+            handle.ahead = True
+            self.view.attrs_ahead(self._to_view(handle.node), entries[start_id - 2 :])
+        own = self._entry(self._to_view(handle.node))
+        roots = (pyfuse3.ROOT_INODE, self.view.root_ino)
         added = 0
         for i in range(start_id, len(entries) + 2):
             if i < 2:
@@ -314,21 +368,24 @@ class CiphertextOperations(pyfuse3.Operations):
             else:
                 ent = entries[i - 2]
                 name = ent.name
-                try:
-                    attr = self._entry(ent.ino)
-                except Exception as e:  # noqa: BLE001 - one bad entry must not hide the rest
-                    log.error("inode %d (%r): %s", ent.ino, ent.name, e)
-                    self.stats.errors += 1
-                    attr = self._unreadable_entry(ent.ino)
-                    if attr is None:
-                        continue
+                if not with_attrs and ent.ifmt and ent.ino not in roots:
+                    attr = bare_entry(ent.ino, ent.ifmt)
+                else:
+                    try:
+                        attr = self._entry(ent.ino)
+                    except Exception as e:  # noqa: BLE001 - one bad entry must not hide the rest
+                        log.error("inode %d (%r): %s", ent.ino, ent.name, e)
+                        self.stats.errors += 1
+                        attr = self._unreadable_entry(ent.ino)
+                        if attr is None:
+                            continue
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 return
             added += 1
             if i >= 2:
                 self.stats.entries += 1
-        if damaged and not added:
-            log.error("readdir of inode %d: directory damaged, answering EIO", dir_node)
+        if handle.damaged and not added:
+            log.error("readdir of inode %d: directory damaged, answering EIO", handle.node)
             raise pyfuse3.FUSEError(errno.EIO)
 
     def _unreadable_entry(self, ino: int) -> pyfuse3.EntryAttributes | None:

@@ -7,19 +7,24 @@ xattrs, ACLs, statfs) must match what the kernel shows of the same image.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from benchmarks import common
 from tests import harness
 from tests.harness_view import view_mount
 from tests.trees import file_sha256, listing
@@ -58,6 +63,12 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
         many.mkdir()
         for i in range(1500):
             (many / f"{i:05d}-{'x' * 90}").touch()
+        # Every file type, spread over several readdir replies.
+        kinds = m / "kinds"
+        kinds.mkdir()
+        for i in range(700):
+            p = kinds / f"{i:04d}-{'k' * 100}"
+            _make_kind(p, i % 7)
         # Small files, read ahead in batches and stored in the page cache on
         # open, mixed with files just above the read-ahead limit and holes.
         smalls = m / "smalls"
@@ -70,6 +81,30 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 f.write(os.urandom(size - f.tell()))
         os.utime(d / "f", ns=(1_000_000_123, 2_000_000_456))
     return img
+
+
+def _make_kind(path: Path, kind: int) -> None:
+    if kind == 0:
+        path.touch()
+    elif kind == 1:
+        path.mkdir()
+    elif kind == 2:
+        os.symlink("target", path)
+    elif kind == 3:
+        os.mkfifo(path)
+    elif kind == 4:
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    elif kind == 5:
+        os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(7, 250))
+    else:
+        # A socket's path must fit in sun_path: bound from its directory.
+        cwd = os.getcwd()
+        os.chdir(path.parent)
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.bind(path.name)
+        finally:
+            os.chdir(cwd)
 
 
 def test_view_matches_kernel_and_source_unchanged(image: Path, tmp_path: Path) -> None:
@@ -101,6 +136,76 @@ def test_view_matches_kernel_and_source_unchanged(image: Path, tmp_path: Path) -
     )
     assert "lost+found" in root_ls
     assert file_sha256(image) == before
+
+
+_SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61}[os.uname().machine]
+_DIRENT64 = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type; the name follows
+
+
+def _getdents(
+    path: Path, between: Callable[[list[bytes]], None] | None = None
+) -> list[tuple[bytes, int, int]]:
+    """(name, d_ino, d_type) of each entry but . and .., as getdents64 gives them.
+
+    `between` is called with the names of each batch before the next call.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(32 << 10)
+    out = []
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while (n := libc.syscall(_SYS_GETDENTS64, fd, buf, len(buf))) != 0:
+            if n < 0:
+                raise OSError(ctypes.get_errno(), f"getdents64 of {path}")
+            raw, at, batch = buf.raw[:n], 0, []
+            while at < n:
+                d_ino, _off, reclen, d_type = _DIRENT64.unpack_from(raw, at)
+                name = raw[at + _DIRENT64.size : at + reclen].split(b"\0", 1)[0]
+                at += reclen
+                if name not in (b".", b".."):
+                    out.append((name, d_ino, d_type))
+                    batch.append(name)
+            if between is not None:
+                between(batch)
+    finally:
+        os.close(fd)
+    return out
+
+
+def test_listings_carry_attributes_only_for_readers_that_stat(image: Path, tmp_path: Path) -> None:
+    """getdents through the view gives the kernel's names, inode numbers and types.
+
+    A reader that stats only after the whole listing (tar) got the names
+    alone after the first reply, and looks each one up; one that stats
+    between its getdents calls (rsync) gets the attributes along after its
+    second reply, and sends no lookup for the rest.  The kernel's
+    tracepoint counts the lookups.
+    """
+    dirs = ("d", "many", "smalls", "kinds")
+    with harness.mounted(image, tmp_path / "k", read_only=True) as (_dev, kmnt):
+        expected = {d: sorted(_getdents(kmnt / d)) for d in dirs}
+    assert len({d_type for _n, _i, d_type in expected["kinds"]}) == 7
+    many = len(expected["many"])
+    with common.tracefs() as trace:
+        assert trace is not None, "this kernel has no fuse_request_send tracepoint"
+        with view_mount(image, tmp_path / "v1") as v:
+            with common.fuse_requests(trace, v.mountpoint) as after:
+                got = {d: sorted(_getdents(v.mountpoint / d)) for d in dirs}
+                for name, _ino, _type in got["many"]:
+                    os.lstat(v.mountpoint / "many" / os.fsdecode(name))
+        with view_mount(image, tmp_path / "v2") as v:
+            many_dir = v.mountpoint / "many"
+
+            def stat_batch(names: list[bytes]) -> None:
+                for name in names:
+                    os.lstat(many_dir / os.fsdecode(name))
+
+            with common.fuse_requests(trace, v.mountpoint) as between:
+                got_between = sorted(_getdents(many_dir, stat_batch))
+    assert got == expected
+    assert got_between == expected["many"]
+    assert after["LOOKUP"] >= many * 2 // 3, after
+    assert between["LOOKUP"] <= many // 3, between
 
 
 def test_small_file_opened_twice_at_once(image: Path, tmp_path: Path) -> None:

@@ -159,6 +159,7 @@ def test_listing_reads_no_xattrs_and_lazy_equals_eager(
         view = View(fs)
         calls = _counting(fs)
         dir_ino = view.lookup(view.root_ino, b"dir")
+        view.attrs_ahead(dir_ino, view.entries(dir_ino))
         attrs = {e.name: view.attr(e.ino) for e in view.entries(dir_ino)}
         assert len(attrs) == 61
         assert calls == [], "a listing and its attributes read xattrs"
@@ -193,6 +194,7 @@ def test_attrs_read_ahead_skip_what_cannot_be_read(tmp_path: Path) -> None:
         view = View(fs)
         entries = view.entries(dir_ino)
         assert len(entries) == 61
+        view.attrs_ahead(dir_ino, entries)
         for e in entries:
             if e.ino == victim:
                 with pytest.raises(CorruptError):

@@ -8,6 +8,7 @@ a leaf this way.
 
 from __future__ import annotations
 
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,25 @@ EXT4_FT_BLKDEV = 4
 EXT4_FT_FIFO = 5
 EXT4_FT_SOCK = 6
 EXT4_FT_SYMLINK = 7
+
+FILE_TYPE_IFMT = (
+    0,
+    stat.S_IFREG,
+    stat.S_IFDIR,
+    stat.S_IFCHR,
+    stat.S_IFBLK,
+    stat.S_IFIFO,
+    stat.S_IFSOCK,
+    stat.S_IFLNK,
+)
+"""The S_IFMT bits of each file_type, as the kernel's getdents reports them
+(fs_ftype_to_dtype); EXT4_FT_UNKNOWN, and any value past the table, say nothing."""
+
+
+def file_type_ifmt(file_type: int) -> int:
+    """The S_IFMT bits a directory entry gives its inode; 0 when it does not say."""
+    return FILE_TYPE_IFMT[file_type] if file_type < len(FILE_TYPE_IFMT) else 0
+
 
 _DIRENT = struct.Struct("<IHBB")
 _TAIL = struct.Struct("<IHBBI")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ciphertextfs.ext4.errors import Ext4Error
@@ -262,7 +263,8 @@ class MetadataView:
         self._nodes[ino] = node
         if node.is_dir:
             self._entries[ino] = tuple(
-                Entry(name, self._number(child)) for name, child in sorted(node.children.items())
+                Entry(name, self._number(child), stat.S_IFMT(child.mode))
+                for name, child in sorted(node.children.items())
             )
         return ino
 
@@ -322,8 +324,13 @@ class MetadataView:
         inner = tuple(self._inner.entries(dir_ino))
         if dir_ino == self._inner.root_ino:
             # First, so that tar and rsync meet the metadata before the encrypted trees.
-            return (Entry(META_DIR_NAME, self._top_ino), *inner)
+            top = self._nodes[self._top_ino]
+            return (Entry(META_DIR_NAME, self._top_ino, stat.S_IFMT(top.mode)), *inner)
         return inner
+
+    def attrs_ahead(self, dir_ino: int, entries: Sequence[Entry]) -> None:
+        if dir_ino not in self._entries:
+            self._inner.attrs_ahead(dir_ino, [e for e in entries if self._meta(e.ino) is None])
 
     def damage(self, dir_ino: int) -> tuple[str, ...]:
         """The metadata entry is built in memory at mount time: nothing to be damaged."""

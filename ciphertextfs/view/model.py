@@ -14,7 +14,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ciphertextfs.ext4.directory import IndexInconclusive
@@ -72,7 +72,7 @@ UNSYNCED_MAX = 1 << 16
 """Changed inodes remembered until the next syncfs; past that, any read syncs."""
 
 ATTRS_AHEAD_MAX = 16384
-"""Largest directory whose entries' attributes are built along with its listing."""
+"""Most entries whose attributes are built in one `attrs_ahead`."""
 
 ATTRS_AHEAD_BATCH = 512
 """Inodes read per batch then."""
@@ -253,28 +253,30 @@ class View:
                 if epoch == self._epoch:
                     self._listings.put(dir_ino, listing, listing_bytes(listing))
             self._ahead.note_listing(dir_ino)
-            self._attrs_ahead(listing, epoch)
         return listing
 
-    def _attrs_ahead(self, listing: Listing, epoch: int) -> None:
-        """Build the attributes of a new listing's entries in inode number order.
+    def attrs_ahead(self, dir_ino: int, entries: Sequence[Entry]) -> None:
+        """Build the attributes of some entries of a listing in inode number order.
 
-        readdirplus asks for them next in name hash order, scattered over
-        the inode tables; in number order each table block is looked up
-        once for all its inodes.  Not for a directory too large for the
-        caches, whose first entries would be evicted before they are asked
-        for; an entry that cannot be read, or that a watched live source
-        changed since its last sync, is left for its own request.  Nothing
-        is kept once another change came in (`epoch`, as in `attr`).
+        The adapter is about to send them in a readdirplus reply, in name
+        hash order, scattered over the inode tables; in number order each
+        table block is looked up once for all its inodes.  Not for more
+        entries than the caches hold, whose first would be evicted before
+        they are asked for; an entry that cannot be read, or that a watched
+        live source changed since its last sync, is left for its own request.
+        Nothing is kept once another change came in (`epoch`, as in `attr`).
+        The inodes stay in the reader's cache only for a small directory.
         """
-        if len(listing.entries) > ATTRS_AHEAD_MAX or self._unsynced_all:
+        self._fresh()
+        if len(entries) > ATTRS_AHEAD_MAX or self._unsynced_all:
             return
+        epoch = self._epoch
+        listing = self._listings.get(dir_ino)
+        size = len(entries) if listing is None else len(listing.entries)
         nodes = self._nodes
         unsynced = self._unsynced
-        inos = sorted(
-            {ino for _name, ino in listing.entries if not is_side_ino(ino) and ino not in unsynced}
-        )
-        keep = len(inos) <= ATTRS_AHEAD_KEPT
+        inos = sorted({e.ino for e in entries if not is_side_ino(e.ino) and e.ino not in unsynced})
+        keep = size <= ATTRS_AHEAD_KEPT
         for start in range(0, len(inos), ATTRS_AHEAD_BATCH):
             chunk = nodes.missing(inos[start : start + ATTRS_AHEAD_BATCH])
             found = []

@@ -19,11 +19,12 @@ need it and a restore reads an archive in one pass.
 from __future__ import annotations
 
 import logging
+import stat
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from ciphertextfs.ext4.directory import IndexInconclusive
-from ciphertextfs.ext4.dirent import EXT4_FT_SYMLINK, EXT4_FT_UNKNOWN, DirEntry
+from ciphertextfs.ext4.dirent import EXT4_FT_SYMLINK, EXT4_FT_UNKNOWN, DirEntry, file_type_ifmt
 from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
@@ -39,9 +40,10 @@ SIDE_INO_BASE = 1 << 32
 32-bit ext4 inode number, and the same on every mount (incremental backups)."""
 
 
-LISTING_ENTRY_BYTES = 184
+LISTING_ENTRY_BYTES = 192
 """What CPython holds per listed entry besides the name's bytes: the Entry,
-the name's bytes object, the inode number, a dict slot and a tuple slot."""
+the name's bytes object, the inode number, a dict slot and a tuple slot (the
+file type is one of the small ints CPython shares)."""
 
 
 class Entry(NamedTuple):
@@ -49,6 +51,9 @@ class Entry(NamedTuple):
 
     name: bytes
     ino: int
+    ifmt: int
+    """The S_IFMT bits of the inode's mode, as the directory entry gives them: a
+    listing without attributes shows them (getdents' d_type); 0 when unknown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +106,10 @@ def list_directory(
             name = nokey_name(de.name, *readdir_hash(de)).encode("ascii")
             if is_long(len(de.name)):
                 long_names.append((name, de.name))
-            _add(entries, by_name, name, de.inode, dir_ino)
+            _add(entries, by_name, name, de, dir_ino)
     else:
         for de in raw:
-            _add(entries, by_name, _presentable(de.name, dir_ino), de.inode, dir_ino)
+            _add(entries, by_name, _presentable(de.name, dir_ino), de, dir_ino)
     long_links = _long_symlinks(fs, raw, targets)
 
     side = None
@@ -121,7 +126,7 @@ def list_directory(
             side = None
         else:
             by_name[SIDE_FILE_NAME] = side_file_ino(dir_ino)
-            entries.insert(0, Entry(SIDE_FILE_NAME, side_file_ino(dir_ino)))
+            entries.insert(0, Entry(SIDE_FILE_NAME, side_file_ino(dir_ino), stat.S_IFREG))
     return Listing(tuple(entries), by_name, side, tuple(damage))
 
 
@@ -199,9 +204,11 @@ def _presentable(name: bytes, dir_ino: int) -> bytes:
     return shown
 
 
-def _add(entries: list[Entry], by_name: dict[bytes, int], name: bytes, ino: int, dir_ino: int):
+def _add(
+    entries: list[Entry], by_name: dict[bytes, int], name: bytes, de: DirEntry, dir_ino: int
+) -> None:
     if name in by_name:
         log.warning("directory inode %d: duplicate name %r, keeping the first", dir_ino, name)
         return
-    by_name[name] = ino
-    entries.append(Entry(name, ino))
+    by_name[name] = de.inode
+    entries.append(Entry(name, de.inode, file_type_ifmt(de.file_type)))
