@@ -67,6 +67,7 @@ def test_protocol_members_are_the_adapters() -> None:
         "apply_changes",
         "attr",
         "entries",
+        "attrs_ahead",
         "damage",
         "lookup",
         "xattr_names",
@@ -97,6 +98,8 @@ def test_metadata_inodes_are_answered_by_the_wrapper(fs: Filesystem) -> None:
     top = outer.lookup(root, META_DIR_NAME)
     assert top >= META_INO_BASE
     assert outer.entries(root)[0].name == META_DIR_NAME
+    assert outer.entries(root)[0].ifmt == stat.S_IFDIR
+    outer.attrs_ahead(root, outer.entries(root))  # a hint: not failed by the metadata entry
     assert [e.name for e in outer.entries(root)[1:]] == [e.name for e in inner.entries(root)]
     pol_dir = outer.lookup(top, META_POLICIES)
     f = outer.lookup(pol_dir, b"p1")
