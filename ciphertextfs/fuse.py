@@ -76,7 +76,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from ciphertextfs import fuseloop
+from ciphertextfs import fuseloop, readdirplus
 from ciphertextfs.fusedirent import bare_entry
 from ciphertextfs.pagecache import PageCacheBudget
 from ciphertextfs.view.model import ViewNoAttr, ViewNotFound
@@ -170,10 +170,8 @@ class _DirHandle:
     node: int
     entries: Sequence[Entry]
     damaged: bool
-    lookups: int = -1
-    """`ServeStats.lookups` when the previous reply was sent."""
-    stats: bool = False
-    """The reader stats the entries: every reply carries attributes."""
+    how: readdirplus.Listing
+    """Which of its replies carry attributes (`readdirplus.Guess`)."""
     ahead: bool = False
     """The view was told that the rest of the listing's attributes come next."""
 
@@ -232,6 +230,7 @@ class CiphertextOperations(pyfuse3.Operations):
         self._can_store = True
         self.page_cache = PageCacheBudget(CACHE_WINDOW, self._to_node)
         self._next_fh = 1
+        self._guess = readdirplus.Guess()
         self.stats = ServeStats()
 
     # -- node ids -----------------------------------------------------------
@@ -284,6 +283,7 @@ class CiphertextOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         entry = self._entry(self.view.lookup(parent, name))
         self.stats.lookups += 1
+        self._guess.looked_up(parent_inode, stat.S_ISDIR(entry.st_mode))
         return entry
 
     @_fuse_errors
@@ -310,27 +310,10 @@ class CiphertextOperations(pyfuse3.Operations):
         entries = self.view.entries(ino)
         fh = self._next_fh
         self._next_fh += 1
-        self._dir_handles[fh] = _DirHandle(inode, entries, bool(self.view.damage(ino)))
+        self._dir_handles[fh] = _DirHandle(
+            inode, entries, bool(self.view.damage(ino)), self._guess.opened(inode)
+        )
         return fh
-
-    def _with_attributes(self, handle: _DirHandle, start_id: int) -> bool:
-        """Whether a readdir reply carries its entries' attributes.
-
-        The kernel's own rule for READDIRPLUS_AUTO, which pyfuse3 turns off:
-        the first reply of a listing does, for the reader that stats what it
-        lists (most directories fit in one reply); a later one only if the
-        reader looked names up since the previous reply, that is, if it
-        stats the entries of replies without attributes (rsync does, between
-        its getdents calls), and from then on to the end of the listing.
-        `ls -f` and `find` never do, and get names and file types alone: no
-        inode is read for them.  A reader that stats only after the whole
-        listing (tar) looks each name up instead.
-        """
-        if bare_entry is None or start_id == 0 or handle.stats:
-            return True
-        if self.stats.lookups != handle.lookups:
-            handle.stats = True
-        return handle.stats
 
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -339,9 +322,9 @@ class CiphertextOperations(pyfuse3.Operations):
         An entry whose inode cannot be read is still listed, with attributes
         that the kernel must not cache, so that the next stat of it answers
         EIO: a backup tool then reports that entry instead of never knowing
-        it existed.  A reply without attributes lists every entry whose
-        file type the directory gives, by inode number and type alone
-        (`fusedirent`), and reads no inode.
+        it existed.  A reply without attributes (`readdirplus` says which)
+        lists every entry whose file type the directory gives by inode
+        number and type alone (`fusedirent`), and reads no inode.
 
         A directory partly damaged lists its sound entries, then fails with
         EIO: the error must come in a reply of its own (an error reply
@@ -352,8 +335,7 @@ class CiphertextOperations(pyfuse3.Operations):
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         entries = handle.entries
-        with_attrs = self._with_attributes(handle, start_id)
-        handle.lookups = self.stats.lookups
+        with_attrs = bare_entry is None or self._guess.with_attributes(handle.how, start_id == 0)
         if with_attrs and start_id == 0:
             self.view.attrs_ahead(self._to_view(handle.node), entries[:FIRST_REPLY_ENTRIES])
         elif with_attrs and not handle.ahead:

@@ -139,6 +139,7 @@ def test_view_matches_kernel_and_source_unchanged(image: Path, tmp_path: Path) -
 
 
 _SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61}[os.uname().machine]
+DT_DIR = 4
 _DIRENT64 = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type; the name follows
 
 
@@ -178,8 +179,9 @@ def test_listings_carry_attributes_only_for_readers_that_stat(image: Path, tmp_p
     A reader that stats only after the whole listing (tar) got the names
     alone after the first reply, and looks each one up; one that stats
     between its getdents calls (rsync) gets the attributes along after its
-    second reply, and sends no lookup for the rest.  The kernel's
-    tracepoint counts the lookups.
+    second reply, and sends no lookup for the rest.  After a walk that
+    stats nothing (find) even first replies go without attributes, until
+    a reader looks a file up.  The kernel's tracepoint counts the lookups.
     """
     dirs = ("d", "many", "smalls", "kinds")
     with harness.mounted(image, tmp_path / "k", read_only=True) as (_dev, kmnt):
@@ -202,10 +204,20 @@ def test_listings_carry_attributes_only_for_readers_that_stat(image: Path, tmp_p
 
             with common.fuse_requests(trace, v.mountpoint) as between:
                 got_between = sorted(_getdents(many_dir, stat_batch))
+        with view_mount(image, tmp_path / "v3") as v:
+            # find's walk stats nothing but the directories it enters ...
+            for name, _ino, d_type in expected["kinds"]:
+                if d_type == DT_DIR:
+                    _getdents(v.mountpoint / "kinds" / os.fsdecode(name))
+            # ... and then a reader that stats its listings comes along.
+            with common.fuse_requests(trace, v.mountpoint) as after_walk:
+                for name, _ino, _type in _getdents(v.mountpoint / "smalls"):
+                    os.lstat(v.mountpoint / "smalls" / os.fsdecode(name))
     assert got == expected
     assert got_between == expected["many"]
     assert after["LOOKUP"] >= many * 2 // 3, after
     assert between["LOOKUP"] <= many // 3, between
+    assert after_walk["LOOKUP"] >= len(expected["smalls"]), after_walk  # and smalls itself
 
 
 def test_small_file_opened_twice_at_once(image: Path, tmp_path: Path) -> None:
