@@ -17,13 +17,14 @@ daemon answers `find` once it no longer sends attributes (readdirplus).
 from __future__ import annotations
 
 import argparse
+import gc
 import stat
 import statistics
 import time
 
 from benchmarks import common
 from ciphertextfs.ext4.fs import Filesystem
-from ciphertextfs.fuse import CiphertextOperations
+from ciphertextfs.fuse import GC_THRESHOLDS, CiphertextOperations
 from ciphertextfs.fusedirent import bare_entry
 from ciphertextfs.view.model import View
 from tests import harness
@@ -38,6 +39,7 @@ def walk(source: str, top: bytes, names: bool = False) -> tuple[int, float, floa
     """
     if names and bare_entry is None:
         raise RuntimeError("pyfuse3's EntryAttributes layout is not known here: no bare entries")
+    gc.set_threshold(*GC_THRESHOLDS)  # as the daemon runs
     with Filesystem.open(source) as fs:
         view = View(fs)
         ops = CiphertextOperations(view)
@@ -48,7 +50,10 @@ def walk(source: str, top: bytes, names: bool = False) -> tuple[int, float, floa
         while todo:
             d = todo.pop()
             ops._entry(d)
-            for e in view.entries(d):
+            entries = view.entries(d)
+            if not names:
+                view.attrs_ahead(d, entries)
+            for e in entries:
                 n += 1
                 if names and e.ifmt and e.ifmt != stat.S_IFDIR:
                     bare_entry(e.ino, e.ifmt)
