@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 
 from ciphertextfs.fscrypt.errors import FscryptError
 from ciphertextfs.fscrypt.nokey import base64url_decode, base64url_encode
-from ciphertextfs.fscrypt.policy import FscryptContext, parse_context
+from ciphertextfs.fscrypt.policy import (
+    FSCRYPT_CONTEXT_V1_SIZE,
+    FSCRYPT_CONTEXT_V2_SIZE,
+    FscryptContext,
+    parse_context,
+)
 
 SIDE_FILE_NAME = b".fscrypt-longnames"
 """Starts with '.', which no base64url no-key name can contain."""
@@ -252,6 +257,34 @@ def encode_symlink_inline(link: EncryptedSymlink) -> bytes:
 def encode_symlink_ref(ino: int) -> bytes:
     """`fscrypt:2:<ino>`: the target is the side file's line for inode `ino`."""
     return SYMLINK_REF_PREFIX + encode_decimal(ino)
+
+
+_INO_DIGITS = len(str(2**32 - 1))
+_UUID_DIGITS = 32
+
+
+def _base64url_len(n: int) -> int:
+    return (4 * n + 2) // 3
+
+
+def symlink_inline_bound(ciphertext_len: int) -> int:
+    """The longest inline form any encrypted symlink of at most `ciphertext_len`
+    ciphertext bytes can have: the largest context, an inode number and a uuid.
+
+    Within SYMLINK_INLINE_MAX, the symlink's target is inline whatever its
+    body says, and the listing need not read it to know.
+    """
+    context = max(FSCRYPT_CONTEXT_V1_SIZE, FSCRYPT_CONTEXT_V2_SIZE)
+    return (
+        len(SYMLINK_PREFIX)
+        + _base64url_len(context)
+        + 1
+        + _base64url_len(ciphertext_len)
+        + 1
+        + _INO_DIGITS
+        + 1
+        + _UUID_DIGITS
+    )
 
 
 def encode_symlink(link: EncryptedSymlink, ino: int) -> tuple[bytes, bytes | None]:

@@ -12,11 +12,15 @@ import contextlib
 import errno
 import os
 import random
+import struct
 import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from ciphertextfs.ext4 import dirent
 from tests import harness
 from tests.harness_view import daemon_pids, run_cli, stop_view
 
@@ -220,7 +224,6 @@ def test_an_unreadable_block_costs_that_block_only(ext4, tmp_path: Path) -> None
     """A directory's extent is read in one request; when that fails (here the
     image ends inside it), every block before the bad one is still listed
     and the bad one is named."""
-    from ciphertextfs.ext4 import dirent
     from ciphertextfs.ext4.fs import Filesystem
 
     names = {f"entry-{i:04d}-" + "y" * 80 for i in range(300)}
@@ -245,3 +248,32 @@ def test_an_unreadable_block_costs_that_block_only(ext4, tmp_path: Path) -> None
     listed = {e.name.decode() for e in entries}
     assert listed == names - {e.name.decode() for e in lost}
     assert len(damage) == 1 and f"block {len(blocks) - 1}: cannot be read" in damage[0], damage
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (struct.pack("<IHBB", 0, 8, 0, 0), "rec_len 8 too small"),
+        (struct.pack("<IHBB", 13, 14, 1, 1) + b"x" * 6, "rec_len 14 not a multiple of 4"),
+        (struct.pack("<IHBB", 13, 12, 9, 1) + b"x" * 4, "too small for name_len 9"),
+        (struct.pack("<IHBB", 13, 4096, 1, 1) + b"x" * 4, "runs past the block"),
+        (struct.pack("<IHBB", 1001, 12, 1, 1) + b"x" * 4, "inode 1001 out of range"),
+    ],
+)
+def test_a_bad_entry_ends_its_block_with_the_reason(bad: bytes, why: str) -> None:
+    """Each of the kernel's checks (ext4_check_dir_entry), and the entries before it kept."""
+    good = dirent.encode_entry(12, b"kept", dirent.EXT4_FT_REG_FILE, 12)
+    after = dirent.encode_entry(14, b"lost", dirent.EXT4_FT_REG_FILE, 12)
+    block = (good + bad + after).ljust(1024, b"\0")
+    warnings: list[str] = []
+    got = dirent.parse_entries(
+        block,
+        block_size=1024,
+        inodes_count=1000,
+        filetype=True,
+        hashed=False,
+        what="dir",
+        warn=warnings.append,
+    )
+    assert [(e.inode, e.name) for e in got] == [(12, b"kept")]
+    assert len(warnings) == 1 and why in warnings[0], warnings

@@ -29,6 +29,7 @@ from ciphertextfs.viewformat import (
     encode_symlink,
     encode_symlink_inline,
     original_xattrs,
+    symlink_inline_bound,
 )
 
 V1 = build_context(1, bytes(8), bytes(range(16))).to_bytes()
@@ -109,6 +110,17 @@ def test_format_1_file_xattrs_carry_the_block_size() -> None:
 def test_bad_xattrs_raise_format_error(xattrs, why: str) -> None:
     with pytest.raises(FormatError, match=why):
         decode_xattrs(xattrs, regular=True)
+
+
+@pytest.mark.parametrize("ct_len", [1, 16, 17, 18, 686, 687, 700, 4094])
+def test_symlink_inline_bound_is_the_longest_inline_form(ct_len: int) -> None:
+    """What lets a listing skip reading a symlink whose i_size is short enough."""
+    ciphertext = bytes(range(256)) * 16
+    longest = EncryptedSymlink(INO64, ciphertext[:ct_len], 2**32 - 1, UUID)
+    assert len(encode_symlink_inline(longest)) == symlink_inline_bound(ct_len)
+    for ctx in (V1, V2):
+        link = EncryptedSymlink(ctx, ciphertext[:ct_len], None, None)
+        assert len(encode_symlink_inline(link)) < symlink_inline_bound(ct_len)
 
 
 @pytest.mark.parametrize("ctx", [V1, V2, INO64])

@@ -8,6 +8,7 @@ very same names so that a backup looks exactly like a locked directory.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ __all__ = [
     "FSCRYPT_NOKEY_NAME_MAX_ENCODED",
     "NokeyName",
     "base64url_encode",
+    "base64url_encode_bytes",
     "base64url_decode",
     "nokey_name",
+    "nokey_name_bytes",
     "parse_nokey_name",
     "is_long",
 ]
@@ -38,9 +41,20 @@ FSCRYPT_NOKEY_NAME_MAX_ENCODED = (FSCRYPT_NOKEY_NAME_MAX * 4 + 2) // 3  # 252 <=
 _SHORT_MAX = FSCRYPT_NOKEY_NAME_DIRHASH_SIZE + FSCRYPT_NOKEY_NAME_BYTES
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_HASHES = struct.Struct("<II")
+
+
+def base64url_encode_bytes(data: bytes) -> bytes:
+    """RFC 4648 base64url without '=' padding, like fscrypt_base64url_encode().
+
+    binascii directly: a listing encodes every name of a directory.
+    """
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=")
+
+
 def base64url_encode(data: bytes) -> str:
-    """RFC 4648 base64url without '=' padding, like fscrypt_base64url_encode()."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return base64url_encode_bytes(data).decode("ascii")
 
 
 def base64url_decode(text: str | bytes) -> bytes:
@@ -63,7 +77,7 @@ def base64url_decode(text: str | bytes) -> bytes:
     if bad:
         raise FscryptError(f"invalid base64url character {chr(bad[0])!r}")
     out = base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
-    if base64url_encode(out).encode("ascii") != raw:
+    if base64url_encode_bytes(out) != raw:
         raise FscryptError("base64url text with nonzero trailing bits")
     return out
 
@@ -97,7 +111,7 @@ class NokeyName:
         )
 
 
-def nokey_name(ciphertext: bytes, hash: int = 0, minor_hash: int = 0) -> str:
+def nokey_name_bytes(ciphertext: bytes, hash: int = 0, minor_hash: int = 0) -> bytes:
     """The name the kernel lists for `ciphertext` in a locked directory.
 
     `hash`/`minor_hash` are what the filesystem's readdir passes: zeros for
@@ -107,15 +121,19 @@ def nokey_name(ciphertext: bytes, hash: int = 0, minor_hash: int = 0) -> str:
         raise FscryptError("empty ciphertext name")
     if not (0 <= hash <= 0xFFFFFFFF and 0 <= minor_hash <= 0xFFFFFFFF):
         raise ValueError("dirhash out of range")
-    head = struct.pack("<II", hash, minor_hash)
-    if is_long(len(ciphertext)):
+    head = _HASHES.pack(hash, minor_hash)
+    if len(ciphertext) > FSCRYPT_NOKEY_NAME_BYTES:
         body = (
             ciphertext[:FSCRYPT_NOKEY_NAME_BYTES]
             + hashlib.sha256(ciphertext[FSCRYPT_NOKEY_NAME_BYTES:]).digest()
         )
     else:
         body = bytes(ciphertext)
-    return base64url_encode(head + body)
+    return base64url_encode_bytes(head + body)
+
+
+def nokey_name(ciphertext: bytes, hash: int = 0, minor_hash: int = 0) -> str:
+    return nokey_name_bytes(ciphertext, hash, minor_hash).decode("ascii")
 
 
 def parse_nokey_name(name: str | bytes) -> NokeyName:

@@ -266,6 +266,8 @@ class View:
         live source changed since its last sync, is left for its own request.
         Nothing is kept once another change came in (`epoch`, as in `attr`).
         The inodes stay in the reader's cache only for a small directory.
+        The targets of encrypted symlinks, which their sizes need, are read
+        in one batch too.
         """
         self._fresh()
         if len(entries) > ATTRS_AHEAD_MAX or self._unsynced_all:
@@ -279,8 +281,16 @@ class View:
         keep = size <= ATTRS_AHEAD_KEPT
         for start in range(0, len(inos), ATTRS_AHEAD_BATCH):
             chunk = nodes.missing(inos[start : start + ATTRS_AHEAD_BATCH])
+            inodes = self.fs.inodes(chunk, cache=keep)
+            # An encrypted symlink's size is its target's: their bodies in one batch.
+            try:
+                self._symlinks.get_many(
+                    i for i in inodes if i is not None and i.is_symlink and i.is_encrypted
+                )
+            except Exception:  # noqa: BLE001 - only ahead: each symlink's own request reports it
+                pass
             found = []
-            for ino, inode in zip(chunk, self.fs.inodes(chunk, cache=keep), strict=True):
+            for ino, inode in zip(chunk, inodes, strict=True):
                 if inode is None:
                     continue
                 try:

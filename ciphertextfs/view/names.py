@@ -29,9 +29,14 @@ from ciphertextfs.ext4.fs import Filesystem
 from ciphertextfs.ext4.inode import Inode
 from ciphertextfs.ext4.superblock import INCOMPAT_ENCRYPT
 from ciphertextfs.fscrypt.errors import FscryptError
-from ciphertextfs.fscrypt.nokey import is_long, nokey_name, parse_nokey_name
+from ciphertextfs.fscrypt.nokey import is_long, nokey_name_bytes, parse_nokey_name
 from ciphertextfs.view.symlinks import SymlinkTargets
-from ciphertextfs.viewformat import SIDE_FILE_NAME, encode_side_file
+from ciphertextfs.viewformat import (
+    SIDE_FILE_NAME,
+    SYMLINK_INLINE_MAX,
+    encode_side_file,
+    symlink_inline_bound,
+)
 
 log = logging.getLogger("ciphertextfs")
 
@@ -103,7 +108,7 @@ def list_directory(
     if dir_inode.is_encrypted:
         readdir_hash = fs.readdir_hash(dir_inode)
         for de in raw:
-            name = nokey_name(de.name, *readdir_hash(de)).encode("ascii")
+            name = nokey_name_bytes(de.name, *readdir_hash(de))
             if is_long(len(de.name)):
                 long_names.append((name, de.name))
             _add(entries, by_name, name, de, dir_ino)
@@ -170,7 +175,9 @@ def lookup_in_index(fs: Filesystem, dir_inode: Inode, name: bytes) -> int | None
 def _long_symlinks(fs: Filesystem, raw: list, targets: SymlinkTargets) -> dict[int, bytes]:
     """Inline targets of the encrypted symlinks too long for a view target, by inode.
 
-    A symlink that cannot be read is left out: it answers EIO on its own.
+    Only a symlink whose i_size could hold such a target is read (its body
+    is i_size bytes: the ciphertext is shorter); a symlink that cannot be
+    read is left out: it answers EIO on its own.
     """
     if not fs.sb.has_incompat(INCOMPAT_ENCRYPT):
         return {}
@@ -180,7 +187,10 @@ def _long_symlinks(fs: Filesystem, raw: list, targets: SymlinkTargets) -> dict[i
     links = [
         inode
         for inode in fs.inodes(candidates)
-        if inode is not None and inode.is_symlink and inode.is_encrypted
+        if inode is not None
+        and inode.is_symlink
+        and inode.is_encrypted
+        and symlink_inline_bound(inode.i_size) > SYMLINK_INLINE_MAX
     ]
     return {
         ino: inline
