@@ -208,7 +208,8 @@ def test_tar_reports_file_changed_while_read(ext4, tmp_path, where):
             view = vm.mountpoint / where
             (name,) = os.listdir(view)
             tar = subprocess.Popen(
-                ["tar", "--xattrs", "-cf", "-", "-C", view, name],
+                # ./: a no-key name may begin with "-".
+                ["tar", "--xattrs", "-cf", "-", "-C", view, f"./{name}"],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )
