@@ -12,7 +12,11 @@ further:
 
 * Within a listing, a reply after the first carries attributes once the
   reader looked a name up since the previous reply (rsync stats between
-  its getdents calls), and then to the end of the listing.
+  its getdents calls), and then to the end of the listing.  Every later
+  reply of every listing does once a reader looked up a file that a later
+  reply went without: tar reads a whole directory before it stats the
+  entries, so only its first large directory costs a lookup per entry.
+  A probe that finds readers that stat nothing ends that.
 * The first reply of a listing carries attributes (the kernel's rule: most
   directories fit in one reply) while the readers stat what they list.
   To find out whether they still do, one listing in `PROBE_EVERY` goes
@@ -57,10 +61,12 @@ class Guess:
 
     def __init__(self) -> None:
         self.readers_stat = True
+        self.readers_stat_later = False
         self.lookups = 0
         self._opened = 0
         self._probe_at: int | None = None
-        self._bare: OrderedDict[int, None] = OrderedDict()
+        self._bare: OrderedDict[int, bool] = OrderedDict()
+        """Directories listed without attributes: whether in a reply after the first."""
 
     def opened(self, dir_ino: int) -> Listing:
         """A directory is opened for listing."""
@@ -68,7 +74,7 @@ class Guess:
         if not self.readers_stat:
             return Listing(dir_ino, True)
         if self._probe_at is not None and self._opened - self._probe_at > PROBE_WINDOW:
-            self.readers_stat = False
+            self.readers_stat = self.readers_stat_later = False
             self._probe_at = None
             return Listing(dir_ino, True)
         if self._probe_at is None and self._opened % PROBE_EVERY == 0:
@@ -81,12 +87,12 @@ class Guess:
         if first:
             attrs = not listing.bare_first
         else:
-            if self.lookups != listing.lookups:
+            if self.lookups != listing.lookups or self.readers_stat_later:
                 listing.latched = True
             attrs = listing.latched
         listing.lookups = self.lookups
         if not attrs:
-            self._bare[listing.dir_ino] = None
+            self._bare[listing.dir_ino] = self._bare.get(listing.dir_ino, False) or not first
             self._bare.move_to_end(listing.dir_ino)
             if len(self._bare) > BARE_DIRS:
                 self._bare.popitem(last=False)
@@ -95,6 +101,9 @@ class Guess:
     def looked_up(self, dir_ino: int, is_dir: bool) -> None:
         """A name of `dir_ino` was looked up."""
         self.lookups += 1
-        if not is_dir and dir_ino in self._bare:
+        later = self._bare.get(dir_ino)
+        if not is_dir and later is not None:
             self.readers_stat = True
             self._probe_at = None
+            if later:
+                self.readers_stat_later = True

@@ -70,7 +70,35 @@ def test_a_stat_after_names_alone_brings_attributes_back() -> None:
 def test_a_reader_that_stats_between_replies_latches_them() -> None:
     guess = Guess()
     assert _list(guess, 1, 6, stat_between=True) == [True, False, True, True, True, True]
-    assert _list(guess, 2, 4) == [True, False, False, False]
+    assert _list(guess, 2, 4) == [True, True, True, True]
+
+
+def test_listing_alone_gets_names_after_the_first_reply() -> None:
+    """ls -f of a large directory, on a fresh mount."""
+    guess = Guess()
+    assert _list(guess, 1, 5) == [True, False, False, False, False]
+    assert _list(guess, 2, 5) == [True, False, False, False, False]
+    guess.looked_up(1, DIR)
+    assert _list(guess, 3, 3) == [True, False, False]
+
+
+def test_a_reader_that_stats_after_the_listing_gets_attributes_from_its_next_one() -> None:
+    """tar: the whole directory, then a stat of each entry."""
+    guess = Guess()
+    assert _list(guess, 1, 5) == [True, False, False, False, False]
+    guess.looked_up(1, FILE)
+    assert guess.readers_stat_later is True
+    assert _list(guess, 2, 5) == [True] * 5
+
+
+def test_a_walk_that_stats_nothing_ends_attributes_for_later_replies() -> None:
+    guess = Guess()
+    _list(guess, 1, 3)
+    guess.looked_up(1, FILE)
+    for d in range(2, 100):
+        _list(guess, d, 1)
+    assert (guess.readers_stat, guess.readers_stat_later) == (False, False)
+    assert _list(guess, 100, 3) == [False, False, False]
 
 
 def test_lookups_of_another_reader_latch_too() -> None:
