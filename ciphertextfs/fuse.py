@@ -335,13 +335,14 @@ class CiphertextOperations(pyfuse3.Operations):
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         entries = handle.entries
+        dir_ino = self._to_view(handle.node)
         with_attrs = bare_entry is None or self._guess.with_attributes(handle.how, start_id == 0)
         if with_attrs and start_id == 0:
-            self.view.attrs_ahead(self._to_view(handle.node), entries[:FIRST_REPLY_ENTRIES])
+            self.view.attrs_ahead(dir_ino, entries[:FIRST_REPLY_ENTRIES])
         elif with_attrs and not handle.ahead:
             handle.ahead = True
-            self.view.attrs_ahead(self._to_view(handle.node), entries[start_id - 2 :])
-        own = self._entry(self._to_view(handle.node))
+            self.view.attrs_ahead(dir_ino, entries[start_id - 2 :])
+        own = self._entry(dir_ino)
         roots = (pyfuse3.ROOT_INODE, self.view.root_ino)
         added = 0
         for i in range(start_id, len(entries) + 2):

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 
 from ciphertextfs.fscrypt.errors import FscryptError
-from ciphertextfs.fscrypt.nokey import base64url_decode, base64url_encode
+from ciphertextfs.fscrypt.nokey import base64url_decode, base64url_encode, base64url_len
 from ciphertextfs.fscrypt.policy import (
     FSCRYPT_CONTEXT_V1_SIZE,
     FSCRYPT_CONTEXT_V2_SIZE,
@@ -263,10 +263,6 @@ _INO_DIGITS = len(str(2**32 - 1))
 _UUID_DIGITS = 32
 
 
-def _base64url_len(n: int) -> int:
-    return (4 * n + 2) // 3
-
-
 def symlink_inline_bound(ciphertext_len: int) -> int:
     """The longest inline form any encrypted symlink of at most `ciphertext_len`
     ciphertext bytes can have: the largest context, an inode number and a uuid.
@@ -277,9 +273,9 @@ def symlink_inline_bound(ciphertext_len: int) -> int:
     context = max(FSCRYPT_CONTEXT_V1_SIZE, FSCRYPT_CONTEXT_V2_SIZE)
     return (
         len(SYMLINK_PREFIX)
-        + _base64url_len(context)
+        + base64url_len(context)
         + 1
-        + _base64url_len(ciphertext_len)
+        + base64url_len(ciphertext_len)
         + 1
         + _INO_DIGITS
         + 1

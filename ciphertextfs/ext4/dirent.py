@@ -112,22 +112,24 @@ def parse_entries(
     end = len(buf)
     off = 0
     unpack = _DIRENT.unpack_from
-    wide = block_size >= 65536
     while off + DIRENT_HEADER <= end:
-        ino, rec_len, name_len, ftype = unpack(buf, off)
-        if wide:
-            rec_len = rec_len_from_disk(rec_len, block_size)
+        ino, raw_rec_len, name_len, ftype = unpack(buf, off)
+        rec_len = rec_len_from_disk(raw_rec_len, block_size)
         start = off + DIRENT_HEADER
         name = buf[start : start + name_len]
         dots = name_len <= 2 and name in (b".", b"..")
-        if (
-            rec_len < _MIN_REC_LEN
-            or rec_len & 3
-            or rec_len < dir_rec_len(name_len, hashed and ino != 0 and not dots)
-            or off + rec_len > end
-            or ino > inodes_count
-        ):
-            problem = _entry_problem(rec_len, name_len, ino, off, end, inodes_count, hashed, dots)
+        problem = None
+        if rec_len < _MIN_REC_LEN:
+            problem = f"rec_len {rec_len} too small"
+        elif rec_len & 3:
+            problem = f"rec_len {rec_len} not a multiple of 4"
+        elif rec_len < dir_rec_len(name_len, hashed and ino != 0 and not dots):
+            problem = f"rec_len {rec_len} too small for name_len {name_len}"
+        elif off + rec_len > end:
+            problem = f"rec_len {rec_len} runs past the block"
+        elif ino > inodes_count:
+            problem = f"inode {ino} out of range"
+        if problem:
             warn(f"{what}: bad directory entry at offset {off}: {problem}")
             break
         if ino and name_len and not dots:
@@ -138,28 +140,6 @@ def parse_entries(
             out.append(DirEntry(ino, bytes(name), ftype if filetype else 0, h, mh))
         off += rec_len
     return out
-
-
-def _entry_problem(
-    rec_len: int,
-    name_len: int,
-    ino: int,
-    off: int,
-    end: int,
-    inodes_count: int,
-    hashed: bool,
-    dots: bool,
-) -> str:
-    """What is wrong with a directory entry that `parse_entries` refused."""
-    if rec_len < _MIN_REC_LEN:
-        return f"rec_len {rec_len} too small"
-    if rec_len & 3:
-        return f"rec_len {rec_len} not a multiple of 4"
-    if rec_len < dir_rec_len(name_len, hashed and ino != 0 and not dots):
-        return f"rec_len {rec_len} too small for name_len {name_len}"
-    if off + rec_len > end:
-        return f"rec_len {rec_len} runs past the block"
-    return f"inode {ino} out of range"
 
 
 def leaf_tail_offset(block: bytes) -> int | None:

@@ -21,6 +21,7 @@ __all__ = [
     "NokeyName",
     "base64url_encode",
     "base64url_encode_bytes",
+    "base64url_len",
     "base64url_decode",
     "nokey_name",
     "nokey_name_bytes",
@@ -36,7 +37,14 @@ FSCRYPT_NOKEY_NAME_SHA256_SIZE = 32
 FSCRYPT_NOKEY_NAME_MAX = (
     FSCRYPT_NOKEY_NAME_DIRHASH_SIZE + FSCRYPT_NOKEY_NAME_BYTES + FSCRYPT_NOKEY_NAME_SHA256_SIZE
 )
-FSCRYPT_NOKEY_NAME_MAX_ENCODED = (FSCRYPT_NOKEY_NAME_MAX * 4 + 2) // 3  # 252 <= NAME_MAX
+
+
+def base64url_len(n: int) -> int:
+    """Length of the unpadded base64url encoding of `n` bytes."""
+    return (4 * n + 2) // 3
+
+
+FSCRYPT_NOKEY_NAME_MAX_ENCODED = base64url_len(FSCRYPT_NOKEY_NAME_MAX)  # 252 <= NAME_MAX
 
 _SHORT_MAX = FSCRYPT_NOKEY_NAME_DIRHASH_SIZE + FSCRYPT_NOKEY_NAME_BYTES
 
@@ -122,7 +130,7 @@ def nokey_name_bytes(ciphertext: bytes, hash: int = 0, minor_hash: int = 0) -> b
     if not (0 <= hash <= 0xFFFFFFFF and 0 <= minor_hash <= 0xFFFFFFFF):
         raise ValueError("dirhash out of range")
     head = _HASHES.pack(hash, minor_hash)
-    if len(ciphertext) > FSCRYPT_NOKEY_NAME_BYTES:
+    if is_long(len(ciphertext)):
         body = (
             ciphertext[:FSCRYPT_NOKEY_NAME_BYTES]
             + hashlib.sha256(ciphertext[FSCRYPT_NOKEY_NAME_BYTES:]).digest()
