@@ -248,7 +248,7 @@ def profiler(pid: int, out: Path | None):
         return
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     proc = subprocess.Popen(
-        [spy, "record", "-p", str(pid), "--threads", "--idle", "-r", "200",
+        [spy, "record", "-p", str(pid), "--threads", "--idle", "--nonblocking", "-r", "200",
          "-f", "raw", "-o", os.fspath(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

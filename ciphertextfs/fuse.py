@@ -25,9 +25,11 @@ The mount's readahead is raised so that the kernel keeps several 1 MiB
 requests in flight and the device read of one overlaps the reply of
 another.  Large reads run in worker threads for that overlap, and so that
 lookups and getattr keep being answered meanwhile (the handler hands
-pyfuse3's read turn to another task first: `fuseloop.hand_over`); small
-reads are answered in the event loop, where they cost less than the
-hand-off to a thread.
+pyfuse3's read turn to another task first: `fuseloop.hand_over`), until
+the device has shown itself fast: then they are answered in the event
+loop, where they cost less than the hand-off, and go back to threads after
+the first slow one (`ciphertextfs.readplace`).  Small reads are always
+answered in the event loop.
 libfuse's max_read option cannot be used: pyfuse3 has no way to set the
 matching conn->max_read and libfuse then refuses to mount.
 
@@ -35,7 +37,8 @@ Threads.  Every request handler runs in the trio event loop, and only the
 loop touches the adapter's own state: the directory handles and their
 counter, the open counts, `stats`, the page-cache budget's window, and (for
 a watched live source) the view's caches as changes arrive.  Worker threads
-run: `View.read` of large reads (at most `read_threads` at a time), which
+run: `View.read` of large reads while the device is slow (at most
+`read_threads` at a time), which
 reaches the view, its read-ahead and the ext4 reader through their locked
 LRU caches, per-thread O_DIRECT buffers and positioned reads only; the
 page-cache invalidations, one batch at a time, each on a set the loop has
@@ -69,6 +72,7 @@ import logging
 import os
 import signal
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -79,6 +83,7 @@ import trio
 from ciphertextfs import fuseloop, readdirplus
 from ciphertextfs.fusedirent import bare_entry
 from ciphertextfs.pagecache import PageCacheBudget
+from ciphertextfs.readplace import ReadPlace
 from ciphertextfs.view.model import ViewNoAttr, ViewNotFound
 from ciphertextfs.view.protocol import ViewProtocol
 
@@ -225,6 +230,7 @@ class CiphertextOperations(pyfuse3.Operations):
         self.timeout = float(view.cache_timeout)
         self.keep_cache = not view.live or view.watched
         self._limiter = trio.CapacityLimiter(read_threads) if read_threads > 0 else None
+        self._read_place = ReadPlace()
         self._dir_handles: dict[int, _DirHandle] = {}
         self._open_counts: dict[int, int] = {}
         self._can_store = True
@@ -431,19 +437,26 @@ class CiphertextOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        """Read in a worker thread when large, in the event loop when small.
+        """Read in the event loop when small or when the device is fast, else in a thread.
 
         A small read costs less than the hand-off to a thread and back; a
-        large one waits on the device long enough that other requests
-        should be answered meanwhile.
+        large one may wait on the device long enough that other requests
+        should be answered meanwhile (`ciphertextfs.readplace`).
         """
         if self._limiter is None or size <= SMALL_READ:
             data = self.view.read(fh, off, size)
         else:
-            fuseloop.hand_over()
-            data = await trio.to_thread.run_sync(
-                self.view.read, fh, off, size, limiter=self._limiter
-            )
+            start = time.perf_counter()
+            try:
+                if self._read_place.in_loop:
+                    data = self.view.read(fh, off, size)
+                else:
+                    fuseloop.hand_over()
+                    data = await trio.to_thread.run_sync(
+                        self.view.read, fh, off, size, limiter=self._limiter
+                    )
+            finally:
+                self._read_place.took(time.perf_counter() - start)
         if not self.direct_io:
             self.page_cache.account(fh, len(data))
         self.stats.bytes += len(data)

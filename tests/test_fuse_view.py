@@ -338,6 +338,46 @@ def test_a_stalled_large_read_does_not_stall_other_requests(image: Path, tmp_pat
     assert server.returncode == 0
 
 
+def test_large_reads_move_into_the_loop_once_fast_and_back_after_a_slow_one(image: Path) -> None:
+    """The adapter answers large reads where `ReadPlace` says, and tells it what each took.
+
+    In process, over the real image: the handler is called as pyfuse3
+    calls it, and the view notes in which thread each read ran.
+    """
+    import trio
+
+    from ciphertextfs.ext4.fs import Filesystem
+    from ciphertextfs.fuse import SMALL_READ, CiphertextOperations
+    from ciphertextfs.readplace import FAST, PROOF
+    from ciphertextfs.view.model import View
+
+    class Noting(View):
+        delay = 0.0
+        threads: list[bool] = []
+
+        def read(self, ino: int, offset: int, length: int) -> bytes:
+            self.threads.append(threading.current_thread() is threading.main_thread())
+            time.sleep(self.delay)
+            return super().read(ino, offset, length)
+
+    size = 2 * SMALL_READ
+    with Filesystem.open(image) as fs:
+        view = Noting(fs)
+        big = view.lookup(view.lookup(view.root_ino, b"d"), b"big")
+        ops = CiphertextOperations(view)
+
+        async def reads(count: int, delay: float) -> list[bytes]:
+            view.delay = delay
+            return [await ops.read(big, i * size, size) for i in range(count)]
+
+        data = trio.run(reads, PROOF + 1, 0.0)
+        assert view.threads == [False] * PROOF + [True]
+        assert b"".join(data) == fs.read(fs.inode(big), 0, (PROOF + 1) * size)
+        view.threads.clear()
+        trio.run(reads, 2, FAST * 2)
+        assert view.threads == [True, False]
+
+
 def _wait_for(path: Path, server: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
