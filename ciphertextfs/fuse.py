@@ -35,16 +35,17 @@ matching conn->max_read and libfuse then refuses to mount.
 
 Threads.  Every request handler runs in the trio event loop, and only the
 loop touches the adapter's own state: the directory handles and their
-counter, the open counts, `stats`, the page-cache budget's window, and (for
-a watched live source) the view's caches as changes arrive.  Worker threads
-run: `View.read` of large reads while the device is slow (at most
-`read_threads` at a time), which
-reaches the view, its read-ahead and the ext4 reader through their locked
-LRU caches, per-thread O_DIRECT buffers and positioned reads only; the
-page-cache invalidations, one batch at a time, each on a set the loop has
-handed over; and a live source's kernel invalidations (below).  So the view
-and the reader below it must stay safe for concurrent calls; the adapter's
-own fields need no lock.
+counter, the open counts, `stats`, the page-cache budget's window, the
+record of large reads' times (`ReadPlace`, told by the handler once its
+read is back), and (for a watched live source) the view's caches as
+changes arrive.  Worker threads run: `View.read` of large reads while the
+device is slow (at most `read_threads` at a time), which reaches the view,
+its read-ahead and the ext4 reader through their locked LRU caches,
+per-thread O_DIRECT buffers and positioned reads only; the page-cache
+invalidations, one batch at a time, each on a set the loop has handed
+over; and a live source's kernel invalidations (below).  So the view and
+the reader below it must stay safe for concurrent calls; the adapter's own
+fields need no lock.
 
 A live source watched for changes (`ciphertextfs.live`, given as
 `changes`) is cached like a static one.  Its events are read by a task of
