@@ -95,6 +95,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
                 d.mkdir()
                 policy.apply(d, keys)
                 trees.write_tree(d, BLOCK, small=policy.name not in FULL_TREES)
+            trees.stamp_mtimes(mnt)
             os.sync()
             plain = walk(mnt)
             plain_ino = {rel: os.lstat(mnt / rel).st_ino for rel in plain}

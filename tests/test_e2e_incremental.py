@@ -55,6 +55,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
             trees.POLICY["v1"].apply(mnt / "enc1", keys)
             (mnt / "enc1" / "file").write_bytes(b"v1 file\n")
             changed_ino = os.stat(mnt / CHANGED).st_ino
+            trees.stamp_mtimes(mnt)
             trees.lock(mnt, keys)
     return Source(image, v2_key, v1_key, changed_ino)
 

@@ -93,6 +93,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
                 os.rename(d / "moved-short", plain / f"moved-short-{name}")
                 (d / "moved-file").write_bytes(os.urandom(3 * BLOCK + 5))
                 os.rename(d / "moved-file", plain / f"moved-file-{name}")
+            trees.stamp_mtimes(mnt)
             os.sync()
             snapshot = walk(mnt)
             trees.lock(mnt, keys)

@@ -25,6 +25,7 @@ from tests.trees import (
     TEST_KEY_V2,
     keys_added,
     lock,
+    stamp_mtimes,
     write_tree,
 )
 
@@ -64,6 +65,7 @@ def source(tmp_path_factory):
                 write_tree(mnt / name, 4096, small=True)
             (mnt / "plain").mkdir()
             write_tree(mnt / "plain", 4096, small=True)
+            stamp_mtimes(mnt)
             harness.run("cp", "-a", mnt, original)
             lock(mnt, keys)
     keyfiles = tmp / "v2.key", tmp / "v1.key"

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from ciphertextfs.fscrypt import kernel
-from tests import harness
+from tests import harness, trees
 from tests.harness_restore import walk
 from tests.harness_view import CLI, daemon_pids, run_cli, stop_view
 
@@ -207,6 +207,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
             pol = kernel.get_policy(home / name)
             keys[name] = (1 if pol.version == 0 else 2, pol.key_spec.hex())
         assert keys["v1"][0] == 1 and keys["cust"][0] == 2
+        trees.stamp_mtimes(data)
         os.sync()
         plain = walk(home)
         for name in ("cust", "raw", "login", "two", "v1"):

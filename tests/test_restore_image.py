@@ -130,6 +130,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                 trees.write_tree(d, block, small=name not in FULL)
                 if name in FULL:
                     write_fragmented(d / FRAGMENTED, block, FRAGMENTS)
+            trees.stamp_mtimes(mnt)
             os.sync()
             plain = walk(mnt)
             trees.lock(mnt, keys)
@@ -682,6 +683,7 @@ def test_xattrs_larger_than_a_block_come_back_in_ea_inodes(tmp_path: Path) -> No
             for rel, xs in big.items():
                 for name, value in xs.items():
                     os.setxattr(mnt / rel, name, value)
+            trees.stamp_mtimes(mnt)
             os.sync()
             plain = walk(mnt)
             trees.lock(mnt, keys)

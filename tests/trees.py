@@ -129,6 +129,24 @@ def keys_added(mnt: Path) -> Iterator[dict[int, bytes]]:
     yield {1: desc, 2: ident}
 
 
+def stamp_mtimes(root: Path, first_ns: int = 1_500_000_000_123_456_789) -> None:
+    """Give `root` and every entry below it its own mtime, long past.
+
+    rsync compares a directory's or a symlink's mtime with its copy's in
+    whole seconds only, so a tree written less than a second before it is
+    copied keeps the copy's own sub-second creation times on those entries,
+    and an exact comparison with the original fails now and then.  Distinct
+    times with nanoseconds also let a comparison catch one entry's time
+    given to another.
+    """
+    paths = [root]
+    for dirpath, dirnames, filenames in os.walk(root):
+        paths += [Path(dirpath) / name for name in sorted([*dirnames, *filenames])]
+    for i, path in enumerate(paths):
+        ns = first_ns + i * 1_000_001_001
+        os.utime(path, ns=(ns, ns), follow_symlinks=False)
+
+
 def lock(mnt: Path, keys: dict[int, bytes]) -> None:
     """Remove both keys so every encrypted directory shows no-key names.
 
