@@ -252,7 +252,13 @@ def cleanup_on_signals() -> Iterator[None]:
 def print_table(
     headers: Sequence[str], rows: Sequence[Sequence[str]], out: Callable, *, text_columns: int = 2
 ) -> None:
-    """A Markdown table (readable as plain text too): text left, figures right."""
+    """A Markdown table (readable as plain text too): text left, figures right.
+
+    A "|" inside a cell (a shell pipeline naming a workload) is escaped, or
+    Markdown would split the cell there.
+    """
+    headers = [h.replace("|", "\\|") for h in headers]
+    rows = [[c.replace("|", "\\|") for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:

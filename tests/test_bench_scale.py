@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_scale
+from benchmarks import bench_scale, common
 
 
 def recount(text: str) -> dict[str, int]:
@@ -100,3 +100,12 @@ def test_gentree_rejects_a_bad_plan(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert re.search(rb"line 1: bad plan line", proc.stderr)
+
+
+def test_report_table_keeps_a_pipeline_in_one_cell():
+    """The workloads are shell pipelines; an unescaped "|" splits their cell in Markdown."""
+    lines: list[str] = []
+    common.print_table(["workload", "seconds"], [["find DIR | wc -l", "1.00"]], lines.append)
+    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in lines]
+    assert all(len(c) == 2 for c in cells), lines
+    assert cells[2][0].strip() == r"find DIR \| wc -l"
